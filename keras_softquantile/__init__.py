@@ -1,0 +1,25 @@
+"""Differentiable soft top-k and quantile selection for Keras, by entropic optimal transport."""
+
+from keras_softquantile import ops
+from keras_softquantile.ops import (
+    soft_quantile,
+    soft_quantile_masks,
+    soft_quantile_split,
+    soft_rank,
+    soft_sort,
+    soft_sort_with,
+    soft_topk_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "soft_quantile",
+    "soft_quantile_masks",
+    "soft_quantile_split",
+    "soft_rank",
+    "soft_sort",
+    "soft_sort_with",
+    "soft_topk_mask",
+]

@@ -1,0 +1,281 @@
+"""Soft top-k masks, soft quantile-bucket memberships and the soft quantile split."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+
+import tensorflow as tf
+
+from keras_softquantile.ops import _validation, transport
+from keras_softquantile.ops._layout import Prepared
+
+__all__ = ["soft_quantile_masks", "soft_quantile_split", "soft_topk_mask"]
+
+DEFAULT_EPSILON = 1e-2
+
+_OUTPUTS = ("weights", "mean", "sorted")
+
+
+def _diagnostics(prepared: Prepared, result: transport.TransportResult):
+    """Per-row diagnostics reshaped to the batch (leading) shape of the scores."""
+    layout = prepared.layout
+    m = result.memberships.shape[-1]
+    return transport.TransportResult(
+        memberships=prepared.output(layout.restore_with_trailing(result.memberships, m)),
+        boundaries=layout.restore_reduced(result.boundaries, m - 1),
+        iterations=layout.restore_reduced(result.iterations),
+        marginal_error=layout.restore_reduced(result.marginal_error),
+        converged=layout.restore_reduced(result.converged),
+    )
+
+
+def _solve(prepared: Prepared, masses, epsilon, solver: str) -> transport.TransportResult:
+    eps = _validation.check_epsilon(epsilon, prepared.dtype)
+    return transport.solve_transport(
+        prepared.z, prepared.weights, masses, eps, solver=_validation.check_solver(solver)
+    )
+
+
+def soft_quantile_masks(
+    scores: tf.Tensor,
+    quantiles=(0.25, 0.75),
+    *,
+    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    axis: int = -1,
+    mask: tf.Tensor | None = None,
+    solver: str = "auto",
+    return_diagnostics: bool = False,
+    name: str | None = None,
+):
+    """Soft membership of every score in the buckets cut at the given quantile levels.
+
+    The soft counterpart of bucketing the scores at their empirical quantiles (for example
+    `numpy.digitize(x, numpy.quantile(x, quantiles))`): bucket `j` holds the scores between
+    quantile levels `q_{j-1}` and `q_j` (with `q_{-1} = 0`, `q_J = 1`), lowest bucket first.
+    Memberships come from an entropic optimal transport of the scores onto one target per
+    bucket, so the soft buckets keep the exact hard sizes: along `axis`, bucket `j` holds total
+    mass `n * (q_j - q_{j-1})`, fractional sizes included (n = 10, q = 0.25 gives 2.5), and each
+    entry's memberships sum to one. As `epsilon -> 0` with distinct scores, the memberships
+    converge to the hard one-hot buckets. For `epsilon > 0` they are smooth in the scores, with
+    exact implicit gradients.
+
+    Scores are squashed to their approximate quantile level first (`squash_scores`), so the
+    output does not change when the scores are shifted or multiplied by a positive constant,
+    and `epsilon` is the width, in quantile-level units, of each soft bucket boundary: about
+    `1.4 * epsilon` of the memberships' mass differs from the hard buckets per boundary.
+
+    >>> x = tf.constant([[0.3, -1.2, 2.0, 0.1, -0.4, 1.1, 0.8, -2.0]])
+    >>> masks = keras_softquantile.ops.soft_quantile_masks(x, epsilon=1e-3)
+    >>> tf.round(masks[0, :, 2])  # upper quartile: the two largest scores
+    <tf.Tensor: shape=(8,), dtype=float32, numpy=array([0., 0., 1., 0., 0., 1., 0., 0.], ...)>
+
+    Args:
+        scores: float tensor of any rank >= 1.
+        quantiles: strictly increasing levels in (0, 1) cutting the buckets.
+        epsilon: positive float or scalar tensor; smaller is sharper.
+        axis: the axis along which scores compete.
+        mask: optional boolean tensor like `scores`; False entries are padding: they get zero
+            membership and do not count in n.
+        solver: "auto" (Newton for up to 16 buckets), "newton" or "sinkhorn".
+        return_diagnostics: also return the `TransportResult`, with per-row fields shaped like
+            the batch dimensions of `scores`.
+        name: optional name scope.
+
+    Returns:
+        Memberships of shape `scores.shape + (len(quantiles) + 1,)` in the dtype of `scores`
+        (computed in float32 for float16/bfloat16); with `return_diagnostics`, a pair
+        `(memberships, diagnostics)`.
+    """
+    levels = _validation.check_quantiles(quantiles)
+    with tf.name_scope(name or "soft_quantile_masks"):
+        prepared = Prepared(scores, axis, mask)
+        edges = (0.0, *levels, 1.0)
+        masses = tf.constant([hi - lo for lo, hi in itertools.pairwise(edges)], prepared.dtype)
+        result = _solve(prepared, masses, epsilon, solver)
+        masks = prepared.output(
+            prepared.layout.restore_with_trailing(result.memberships, len(edges) - 1)
+        )
+        if return_diagnostics:
+            return masks, _diagnostics(prepared, result)
+        return masks
+
+
+def _check_k(k, n: int | None):
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"`k` must be a number of entries to select. Received: k={k!r}")
+    if not math.isfinite(float(k)) or k < 0 or (n is not None and k > n):
+        bound = "n" if n is None else f"n={n}"
+        raise ValueError(f"`k` must lie in [0, {bound}]. Received: k={k!r}")
+    return float(k)
+
+
+def soft_topk_mask(
+    scores: tf.Tensor,
+    k: float,
+    *,
+    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    axis: int = -1,
+    mask: tf.Tensor | None = None,
+    solver: str = "auto",
+    return_diagnostics: bool = False,
+    name: str | None = None,
+):
+    """Soft mask of the `k` largest scores along `axis`.
+
+    The soft counterpart of the indicator of `tf.math.top_k(x, k).indices`: values in [0, 1]
+    that sum to exactly `k` along `axis` (fractional `k` allowed), largest for the largest
+    scores. As `epsilon -> 0` with distinct scores it converges to the hard 0/1 mask. It is the
+    two-bucket case of `soft_quantile_masks` at level `1 - k / n`, with the same scale-free
+    `epsilon`, exact masses and exact implicit gradients. `k = 0` gives zeros and `k = n` ones.
+
+    >>> x = tf.constant([0.3, -1.2, 2.0, 0.1, 1.1])
+    >>> tf.round(keras_softquantile.ops.soft_topk_mask(x, 2, epsilon=1e-3))
+    <tf.Tensor: shape=(5,), dtype=float32, numpy=array([0., 0., 1., 0., 1.], dtype=float32)>
+
+    Args:
+        scores: float tensor of any rank >= 1.
+        k: number of entries to select, in [0, n] (n counts valid entries only when `mask`
+            is given; rows with fewer than k valid entries select all of them).
+        epsilon: positive float or scalar tensor; smaller is sharper.
+        axis: the axis along which scores compete.
+        mask: optional boolean tensor like `scores`; False entries are padding.
+        solver: "auto", "newton" or "sinkhorn".
+        return_diagnostics: also return the `TransportResult`.
+        name: optional name scope.
+
+    Returns:
+        A mask like `scores` (same shape and dtype); with `return_diagnostics`, a pair.
+    """
+    with tf.name_scope(name or "soft_topk_mask"):
+        prepared = Prepared(scores, axis, mask)
+        k = _check_k(k, None if prepared.masked else prepared.n)
+        dtype = prepared.dtype
+        count = prepared.count  # [rows, 1]
+        fraction = tf.minimum(tf.constant(k, dtype) / tf.maximum(count, 1), 1)
+        # k = 0 or k = n leave an empty bucket; solve a harmless problem and overwrite.
+        degenerate = (fraction <= 0) | (fraction >= 1)
+        safe = tf.where(degenerate, 0.5 * tf.ones_like(fraction), fraction)
+        masses = tf.concat([1 - safe, safe], axis=-1)
+        result = _solve(prepared, masses, epsilon, solver)
+        selected = result.memberships[:, :, 1]
+        hard = tf.cast(prepared.valid, dtype) * tf.cast(fraction >= 1, dtype)
+        selected = tf.where(degenerate, hard, selected)
+        output = prepared.output(prepared.layout.restore(selected))
+        if return_diagnostics:
+            return output, _diagnostics(prepared, result)
+        return output
+
+
+def _check_split_quantile(quantile) -> float:
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real):
+        raise TypeError(f"`quantile` must be a float in (0, 0.5]. Received: quantile={quantile!r}")
+    if not 0.0 < float(quantile) <= 0.5:
+        raise ValueError(f"`quantile` must lie in (0, 0.5]. Received: quantile={quantile!r}")
+    return float(quantile)
+
+
+def soft_quantile_split(
+    values: tf.Tensor,
+    scores: tf.Tensor,
+    quantile: float = 0.25,
+    *,
+    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    axis: int = -1,
+    mask: tf.Tensor | None = None,
+    output: str = "weights",
+    solver: str = "auto",
+    return_diagnostics: bool = False,
+    name: str | None = None,
+):
+    """Soft selection of the `values` whose `scores` fall in the lower and upper quantile.
+
+    The differentiable version of `A_low = A[lowest q*n scores]`, `A_high = A[highest q*n
+    scores]`. One entropic transport assigns every entry to the lower bucket (mass `q`), the
+    middle (mass `1 - 2q`) or the upper bucket (mass `q`), so both soft selections hold exactly
+    `q * n` entries' worth of weight.
+
+    Three views of the selection, by `output`:
+      * "weights": the two membership masks `(low, high)`, each like `scores`.
+      * "mean": the membership-weighted means of `values` over each bucket, shaped like
+        `scores` without `axis`.
+      * "sorted": the selected values themselves, ordered by ascending score, each of shape
+        `[..., k]` along `axis` with `k = floor(quantile * n)`: the soft counterpart of
+        `tf.gather(values, tf.argsort(scores))[:k]` and `[-k:]`, to which it converges as
+        `epsilon -> 0`. It solves a transport onto `2k + 1` ordered targets (Sinkhorn when
+        that is more than 16), so it costs O(n k) memory; it needs a static n and no `mask`.
+
+    Args:
+        values: float tensor like `scores`, the quantities to select.
+        scores: float tensor, the scores that decide the selection.
+        quantile: the level q in (0, 0.5]; 0.25 gives the quartiles.
+        epsilon: positive float or scalar tensor; smaller is sharper.
+        axis: the axis along which scores compete.
+        mask: optional boolean padding mask like `scores` (not with output="sorted").
+        output: "weights", "mean" or "sorted".
+        solver: "auto", "newton" or "sinkhorn".
+        return_diagnostics: also return the `TransportResult`.
+        name: optional name scope.
+
+    Returns:
+        `(low, high)` as described; with `return_diagnostics`, `((low, high), diagnostics)`.
+    """
+    quantile = _check_split_quantile(quantile)
+    if output not in _OUTPUTS:
+        raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
+    with tf.name_scope(name or "soft_quantile_split"):
+        prepared = Prepared(scores, axis, mask)
+        value_rows = prepared.values(values)
+        if output == "sorted":
+            low, high, result = _split_sorted(prepared, value_rows, quantile, epsilon, solver, mask)
+        else:
+            if quantile < 0.5:
+                masses = tf.constant([quantile, 1 - 2 * quantile, quantile], prepared.dtype)
+            else:
+                masses = tf.constant([0.5, 0.5], prepared.dtype)
+            result = _solve(prepared, masses, epsilon, solver)
+            low = result.memberships[:, :, 0]
+            high = result.memberships[:, :, -1]
+            if output == "weights":
+                low = prepared.layout.restore(low)
+                high = prepared.layout.restore(high)
+            else:
+                low = _weighted_mean(low, value_rows, prepared)
+                high = _weighted_mean(high, value_rows, prepared)
+        pair = (prepared.output(low), prepared.output(high))
+        if return_diagnostics:
+            return pair, _diagnostics(prepared, result)
+        return pair
+
+
+def _weighted_mean(weights: tf.Tensor, values: tf.Tensor, prepared: Prepared) -> tf.Tensor:
+    values = tf.where(prepared.valid, values, tf.zeros_like(values))
+    total = tf.reduce_sum(weights, axis=-1)
+    mean = tf.reduce_sum(weights * values, axis=-1) / tf.where(
+        total > 0, total, tf.ones_like(total)
+    )
+    return prepared.layout.restore_reduced(mean)
+
+
+def _split_sorted(prepared: Prepared, values: tf.Tensor, quantile: float, epsilon, solver, mask):
+    if mask is not None:
+        raise ValueError(
+            "`output='sorted'` does not support `mask`: its output length floor(quantile * n) "
+            "must be the same for every row. Received: a mask"
+        )
+    n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile_split(output='sorted')")
+    k = math.floor(quantile * n + 1e-9)
+    if k == 0:
+        empty = tf.zeros(tf.concat([tf.shape(values)[:1], [0]], 0), prepared.dtype)
+        low = prepared.layout.restore_reduced(empty, 0)
+        masses = tf.constant([0.5, 0.5], prepared.dtype)
+        return low, low, _solve(prepared, masses, epsilon, solver)
+    middle = n - 2 * k
+    masses = [1.0 / n] * k + ([middle / n] if middle > 0 else []) + [1.0 / n] * k
+    result = _solve(prepared, tf.constant(masses, prepared.dtype), epsilon, solver)
+    # Barycentric projection: target j's value is sum_i P_ij v_i / b_j = sum_i pi_ij v_i here.
+    gathered = tf.einsum("rnj,rn->rj", result.memberships, values)
+    low = prepared.layout.restore_reduced(gathered[:, :k], k)
+    high = prepared.layout.restore_reduced(gathered[:, -k:], k)
+    return low, high, result
