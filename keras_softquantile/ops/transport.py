@@ -84,8 +84,13 @@ class TransportResult(NamedTuple):
 
 
 def default_tolerance(dtype: tf.DType) -> float:
-    """Marginal tolerance (fraction of total mass) used when none is given."""
-    return 1e-12 if dtype == tf.float64 else 1e-6
+    """Marginal tolerance (fraction of total mass) used when none is given.
+
+    In float32 a boundary can only move by one unit in the last place of a number near 0.5
+    (6e-8); with many tied scores sitting on it, that moves about 3e-6 of the mass at
+    epsilon = 5e-4 (measured on rows of 1000 rounded normals). 1e-5 stays above that floor.
+    """
+    return 1e-12 if dtype == tf.float64 else 1e-5
 
 
 def _ridge(dtype: tf.DType) -> float:
@@ -304,7 +309,7 @@ def _newton_loop(z, a, c, eps, m, t, max_iterations, tolerance):
 
     def finished(res, step_size):
         e = error(res)
-        return (e <= tolerance) | ~tf.math.is_finite(e) | (step_size < 2.0**-30)
+        return (e <= tolerance) | ~tf.math.is_finite(e) | (step_size < 2.0**-10)
 
     rows = tf.shape(z)[0]
     step_size = tf.ones([rows], z.dtype)
