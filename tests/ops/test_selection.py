@@ -367,8 +367,10 @@ class TestTransportInternals:
                 loss = tf.reduce_sum(ops.soft_quantile_masks(v, epsilon=1e-3)[..., 2] * v)
             return tape.gradient(loss, v)
 
-        graph = grad.get_concrete_function(x).graph
-        op_types = {op.type for op in graph.get_operations()}
+        graph_def = grad.get_concrete_function(x).graph.as_graph_def()
+        op_types = {node.op for node in graph_def.node}
+        for function in graph_def.library.function:  # the solver loop runs in a sub-function
+            op_types.update(node.op for node in function.node_def)
         assert "StatelessWhile" in op_types or "While" in op_types
         assert not any("TensorList" in t for t in op_types), sorted(op_types)
 
