@@ -31,10 +31,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from keras_softquantile import ops  # noqa: E402
+from keras_softquantile import ops
 
 SIZES = ("1x1000", "256x1000", "1x100000", "1x1000000")
 # Targets from the issue: time ratio against the faster hard sort, by size.
@@ -109,7 +109,7 @@ def measure_memory(size: str, what: str, epsilon: float, xla: bool) -> float:
 def measure(size: str, epsilon: float, repeats: int, memory: bool) -> dict:
     batch, n = parse_size(size)
     x, w = make_inputs(batch, n)
-    sort, forward, forward_backward = build_functions(epsilon)
+    sort, _forward, forward_backward = build_functions(epsilon)
     sort_graph = median_ms(tf.function(sort), x, repeats=repeats)
     sort_xla = median_ms(tf.function(sort, jit_compile=True), x, repeats=repeats)
     soft_graph = median_ms(tf.function(forward_backward), x, w, repeats=repeats)

@@ -69,7 +69,8 @@ def demo(args: argparse.Namespace) -> int:
         loss, norm = step()
         if epoch == 1 or epoch % max(1, args.epochs // 10) == 0 or epoch == args.epochs:
             print(
-                f"step {epoch:4d}  soft objective {float(loss):+.4f}  gradient norm {float(norm):.3f}"
+                f"step {epoch:4d}  soft objective {float(loss):+.4f}  "
+                f"gradient norm {float(norm):.3f}"
             )
     elapsed = time.perf_counter() - start
 

@@ -124,7 +124,9 @@ def check_quantiles(quantiles, name: str = "quantiles") -> tuple[float, ...]:
 
 def check_probabilities(q, name: str = "q") -> tuple[tuple[float, ...], bool]:
     """Validates quantile levels in [0, 1] (any order); returns them and whether q was scalar."""
-    scalar = isinstance(q, numbers.Number) and not isinstance(q, bool)
+    if isinstance(q, bool):
+        raise TypeError(f"`{name}` must be a float or a list of floats. Received: {name}={q!r}")
+    scalar = np.ndim(q) == 0
     values = np.atleast_1d(np.asarray(q, dtype=object))
     try:
         levels = tuple(float(v) for v in values.ravel())
@@ -170,13 +172,18 @@ def check_same_shape(values: tf.Tensor, scores: tf.Tensor, name: str = "values")
         tf.debugging.assert_equal(tf.shape(values), tf.shape(scores), message=message)
 
 
-def static_length(x: tf.Tensor, axis: int, op: str) -> int:
+def static_length(x: tf.Tensor, axis: int, op: str, minimum: int = 0) -> int:
     """The static length of `axis`, required by ops whose output size depends on it."""
     n = x.shape[axis]
     if n is None:
         raise ValueError(
             f"`{op}` needs a statically known length along `axis` (its output size depends "
             f"on it). Received: shape={x.shape}, axis={axis}"
+        )
+    if n < minimum:
+        raise ValueError(
+            f"`{op}` needs at least {minimum} entry along `axis`. "
+            f"Received: shape={x.shape}, axis={axis}"
         )
     return int(n)
 

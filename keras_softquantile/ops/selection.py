@@ -92,7 +92,7 @@ def soft_quantile_masks(
     with tf.name_scope(name or "soft_quantile_masks"):
         prepared = Prepared(scores, axis, mask)
         edges = (0.0, *levels, 1.0)
-        masses = tf.constant([hi - lo for lo, hi in itertools.pairwise(edges)], prepared.dtype)
+        masses = tf.constant([hi - lo for lo, hi in itertools.pairwise(edges)], tf.float64)
         result = _solve(prepared, masses, epsilon, solver)
         masks = prepared.output(
             prepared.layout.restore_with_trailing(result.memberships, len(edges) - 1)
@@ -231,9 +231,9 @@ def soft_quantile_split(
             low, high, result = _split_sorted(prepared, value_rows, quantile, epsilon, solver, mask)
         else:
             if quantile < 0.5:
-                masses = tf.constant([quantile, 1 - 2 * quantile, quantile], prepared.dtype)
+                masses = tf.constant([quantile, 1 - 2 * quantile, quantile], tf.float64)
             else:
-                masses = tf.constant([0.5, 0.5], prepared.dtype)
+                masses = tf.constant([0.5, 0.5], tf.float64)
             result = _solve(prepared, masses, epsilon, solver)
             low = result.memberships[:, :, 0]
             high = result.memberships[:, :, -1]
@@ -269,11 +269,11 @@ def _split_sorted(prepared: Prepared, values: tf.Tensor, quantile: float, epsilo
     if k == 0:
         empty = tf.zeros(tf.concat([tf.shape(values)[:1], [0]], 0), prepared.dtype)
         low = prepared.layout.restore_reduced(empty, 0)
-        masses = tf.constant([0.5, 0.5], prepared.dtype)
+        masses = tf.constant([0.5, 0.5], tf.float64)
         return low, low, _solve(prepared, masses, epsilon, solver)
     middle = n - 2 * k
     masses = [1.0 / n] * k + ([middle / n] if middle > 0 else []) + [1.0 / n] * k
-    result = _solve(prepared, tf.constant(masses, prepared.dtype), epsilon, solver)
+    result = _solve(prepared, tf.constant(masses, tf.float64), epsilon, solver)
     # Barycentric projection: target j's value is sum_i P_ij v_i / b_j = sum_i pi_ij v_i here.
     gathered = tf.einsum("rnj,rn->rj", result.memberships, values)
     low = prepared.layout.restore_reduced(gathered[:, :k], k)

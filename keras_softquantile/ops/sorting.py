@@ -28,15 +28,16 @@ def _transport(prepared: Prepared, masses: list[float], epsilon, solver: str):
             tf.ones([rows], tf.bool),
         )
     return transport.solve_transport(
-        prepared.z, prepared.weights, tf.constant(masses, prepared.dtype), eps, solver=solver
+        prepared.z, prepared.weights, tf.constant(masses, tf.float64), eps, solver=solver
     )
 
 
 def _sorted_rows(values: tf.Tensor, prepared: Prepared, epsilon, solver, op: str):
-    n = _validation.static_length(prepared.layout.rows, -1, op)
+    n = _validation.static_length(prepared.layout.rows, -1, op, minimum=1)
     result = _transport(prepared, [1.0 / n] * n, epsilon, solver)
     # Target j's barycentre: sum_i P_ij v_i / b_j = sum_i pi_ij v_i since a_i = b_j = 1/n.
-    return tf.einsum("rnj,rn->rj", result.memberships, values), result
+    memberships = tf.cast(result.memberships, values.dtype)
+    return tf.einsum("rnj,rn->rj", memberships, values), result
 
 
 def soft_sort(
@@ -113,12 +114,15 @@ def soft_sort_with(
     """
     with tf.name_scope(name or "soft_sort_with"):
         prepared = Prepared(scores, axis, None)
-        rows = prepared.values(values)
+        values = _validation.float_tensor(values, "values")
+        _validation.check_same_shape(values, prepared.scores)
+        # Values keep their own precision (float64 values ordered by float32 scores).
+        value_dtype = _validation.compute_dtype(values.dtype)
+        rows = prepared.layout.flatten(tf.cast(values, value_dtype))
         ordered, _ = _sorted_rows(rows, prepared, epsilon, solver, "soft_sort_with")
         if descending:
             ordered = tf.reverse(ordered, axis=[-1])
-        output = prepared.layout.restore(ordered)
-        return tf.cast(output, tf.convert_to_tensor(values).dtype)
+        return tf.cast(prepared.layout.restore(ordered), values.dtype)
 
 
 def soft_rank(
@@ -154,7 +158,7 @@ def soft_rank(
     """
     with tf.name_scope(name or "soft_rank"):
         prepared = Prepared(x, axis, None, name="x")
-        n = _validation.static_length(prepared.layout.rows, -1, "soft_rank")
+        n = _validation.static_length(prepared.layout.rows, -1, "soft_rank", minimum=1)
         result = _transport(prepared, [1.0 / n] * n, epsilon, solver)
         positions = tf.range(n, dtype=prepared.dtype)
         ranks = tf.einsum("rnj,j->rn", result.memberships, positions)
@@ -228,7 +232,7 @@ def soft_quantile(
     levels, scalar = _validation.check_probabilities(q)
     with tf.name_scope(name or "soft_quantile"):
         prepared = Prepared(x, axis, None, name="x")
-        n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile")
+        n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile", minimum=1)
         masses, combos = _order_statistic_buckets(n, levels)
         result = _transport(prepared, masses, epsilon, solver)
         # A one-entry bucket's barycentre is sum_i pi_ij x_i (its mass is 1/n = a_i).

@@ -536,9 +536,13 @@ def _prepare(z, a, b, epsilon, tolerance):
     z, a, b = _check_problem(z, a, b)
     eps = tf.cast(tf.convert_to_tensor(epsilon), z.dtype)
     tol = default_tolerance(z.dtype) if tolerance is None else float(tolerance)
-    # Empty rows (all padding) have nothing to place: their targets are zero.
-    nonempty = tf.cast(tf.reduce_sum(a, axis=-1, keepdims=True) > 0, z.dtype)
-    b = b * nonempty
+    # Renormalise in the solver's precision: weights and masses rounded to float32 elsewhere
+    # disagree in their totals by ~1e-8, far above a float64 tolerance. Empty rows (all
+    # padding) have nothing to place: their targets are zero.
+    a_total = tf.reduce_sum(a, axis=-1, keepdims=True)
+    nonempty = a_total > 0
+    a = a / tf.where(nonempty, a_total, tf.ones_like(a_total))
+    b = b / tf.reduce_sum(b, axis=-1, keepdims=True) * tf.cast(nonempty, z.dtype)
     return z, a, b, _above_target(b), eps, tol
 
 

@@ -1,5 +1,7 @@
 """Tests of soft_quantile_masks, soft_topk_mask and soft_quantile_split."""
 
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -67,7 +69,7 @@ class TestQuantileMasks:
             np.abs(ops.soft_quantile_masks(tf.constant(x), epsilon=e).numpy() - hard).mean()
             for e in (1e-1, 1e-2, 1e-3, 1e-5)
         ]
-        assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+        assert all(b < a for a, b in itertools.pairwise(errors)), errors
         assert errors[-1] < 1e-6
 
     def test_general_quantiles_use_more_buckets(self):
@@ -376,7 +378,7 @@ class TestTransportInternals:
 
     def test_diagnostics_shapes(self):
         x = tf.constant(np.random.default_rng(41).standard_normal((2, 3, 30)))
-        masks, info = ops.soft_quantile_masks(x, return_diagnostics=True)
+        _masks, info = ops.soft_quantile_masks(x, return_diagnostics=True)
         assert info.iterations.shape == (2, 3) and info.converged.shape == (2, 3)
         assert info.boundaries.shape == (2, 3, 2)
         assert bool(tf.reduce_all(info.marginal_error < 1e-12))
