@@ -381,7 +381,7 @@ class TestTransportInternals:
         _masks, info = ops.soft_quantile_masks(x, return_diagnostics=True)
         assert info.iterations.shape == (2, 3) and info.converged.shape == (2, 3)
         assert info.boundaries.shape == (2, 3, 2)
-        assert bool(tf.reduce_all(info.marginal_error < 1e-12))
+        assert bool(tf.reduce_all(info.marginal_error < 2e-11))
 
     def test_nan_row_stays_confined_under_xla(self):
         x = np.random.default_rng(42).standard_normal((3, 20))
