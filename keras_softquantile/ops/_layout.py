@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_softquantile.ops import _validation
+from keras_softquantile.ops import _validation, transport
 from keras_softquantile.ops.squashing import squash_scores
 
 __all__: list[str] = []
@@ -68,6 +68,18 @@ class Rows:
         return tf.transpose(y, inverse + list(range(self.rank, self.rank + trailing)))
 
 
+_compiled_squash = tf.function(
+    lambda x, valid: squash_scores(x, mask=valid), jit_compile=True, reduce_retracing=True
+)
+
+
+def _squash(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """`squash_scores`, as one XLA cluster inside traced graphs (as the solver loop)."""
+    if transport.COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
+        return _compiled_squash(x, valid)
+    return squash_scores(x, mask=valid)
+
+
 class Prepared:
     """Validated scores as rows: squashed `z`, source weights `a`, dtypes and layout."""
 
@@ -89,7 +101,7 @@ class Prepared:
         valid_float = tf.cast(self.valid, self.dtype)
         self.count = tf.reduce_sum(valid_float, axis=-1, keepdims=True)
         self.weights = valid_float / tf.maximum(self.count, 1)
-        self.z = squash_scores(x_rows, mask=valid)
+        self.z = _squash(x_rows, self.valid)
 
     def values(self, values, name: str = "values") -> tf.Tensor:
         """Validates a float tensor of the scores' shape and returns it as compute-dtype rows."""
