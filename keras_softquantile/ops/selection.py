@@ -78,7 +78,7 @@ def soft_quantile_masks(
         axis: the axis along which scores compete.
         mask: optional boolean tensor like `scores`; False entries are padding: they get zero
             membership and do not count in n.
-        solver: "auto" (Newton for up to 16 buckets), "newton" or "sinkhorn".
+        solver: "auto" (Newton up to 2048 buckets, then Sinkhorn), "newton" or "sinkhorn".
         return_diagnostics: also return the `TransportResult`, with per-row fields shaped like
             the batch dimensions of `scores`.
         name: optional name scope.
@@ -203,8 +203,9 @@ def soft_quantile_split(
       * "sorted": the selected values themselves, ordered by ascending score, each of shape
         `[..., k]` along `axis` with `k = floor(quantile * n)`: the soft counterpart of
         `tf.gather(values, tf.argsort(scores))[:k]` and `[-k:]`, to which it converges as
-        `epsilon -> 0`. It solves a transport onto `2k + 1` ordered targets (Sinkhorn when
-        that is more than 16), so it costs O(n k) memory; it needs a static n and no `mask`.
+        `epsilon -> 0`. It solves a transport onto `2k + 1` ordered targets (Newton with a
+        dense `2k x 2k` Hessian up to 2048 targets, Sinkhorn beyond), so it costs O(n k)
+        memory and O(n k^2) time; it needs a static n and no `mask`.
 
     Args:
         values: float tensor like `scores`, the quantities to select.

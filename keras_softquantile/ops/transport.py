@@ -119,33 +119,41 @@ def _total(x: tf.Tensor, axis: int, keepdims: bool = False) -> tf.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _two_memberships(u: tf.Tensor) -> list[tf.Tensor]:
+    """`[sigmoid(-u), sigmoid(u)]` with one exp and one division, each side exact when small."""
+    e = tf.exp(-tf.abs(u))
+    p = 1 / (1 + e)
+    positive = u >= 0
+    return [tf.where(positive, e * p, p), tf.where(positive, p, e * p)]
+
+
 def _three_memberships(u0: tf.Tensor, u1: tf.Tensor) -> list[tf.Tensor]:
-    """Stable `softmax(0, u0, u0 + u1)` as three elementwise columns."""
-    low = tf.sigmoid(-(u0 + tf.nn.softplus(u1)))
-    high = tf.sigmoid(u1 - tf.nn.softplus(-u0))
-    # 1 / (e^-u0 + 1 + e^u1), scaled by the largest term.
-    top = tf.maximum(tf.maximum(-u0, u1), tf.zeros_like(u0))
-    middle = tf.exp(-top) / (tf.exp(-u0 - top) + tf.exp(-top) + tf.exp(u1 - top))
-    return [low, middle, high]
+    """`softmax(0, u0, u0 + u1)` as three columns: three exps and one division.
+
+    Shifted by the largest logit, so every column is computed directly (never as one minus
+    another) and keeps full relative precision when it is small.
+    """
+    l2 = u0 + u1
+    top = tf.maximum(tf.maximum(u0, l2), tf.zeros_like(u0))
+    e0 = tf.exp(-top)
+    e1 = tf.exp(u0 - top)
+    e2 = tf.exp(l2 - top)
+    inverse = 1 / (e0 + e1 + e2)
+    return [e0 * inverse, e1 * inverse, e2 * inverse]
 
 
 def _membership_columns(z: tf.Tensor, t: tf.Tensor, inv_eps: tf.Tensor, m: int) -> list[tf.Tensor]:
     """`pi` as m columns `[rows, n]` for m <= 3 (elementwise; nothing `[rows, n, m]`)."""
     u0 = (z - t[:, :1]) * inv_eps
     if m == 2:
-        return [tf.sigmoid(-u0), tf.sigmoid(u0)]
+        return _two_memberships(u0)
     return _three_memberships(u0, (z - t[:, 1:2]) * inv_eps)
 
 
 def _memberships(z: tf.Tensor, t: tf.Tensor, inv_eps: tf.Tensor, m: int) -> tf.Tensor:
     """`pi` `[rows, n, m]` at boundaries `t` `[rows, m - 1]`."""
-    if m == 2:
-        u = (z - t[:, :1]) * inv_eps
-        return tf.stack([tf.sigmoid(-u), tf.sigmoid(u)], axis=-1)
-    if m == 3:
-        u0 = (z - t[:, :1]) * inv_eps
-        u1 = (z - t[:, 1:2]) * inv_eps
-        return tf.stack(_three_memberships(u0, u1), axis=-1)
+    if m <= 3:
+        return tf.stack(_membership_columns(z, t, inv_eps, m), axis=-1)
     cumulative = tf.concat([tf.zeros_like(t[:, :1]), tf.cumsum(t, axis=-1)], axis=-1)
     slots = tf.range(m, dtype=z.dtype)
     logits = (z[:, :, None] * slots - cumulative[:, None, :]) * inv_eps
@@ -168,29 +176,23 @@ def _residual_and_covariance(
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
     """`r` `[rows, m - 1]` and `K` `[rows, m - 1, m - 1]` at boundaries `t`."""
     if m == 2:
-        w = (z - t[:, :1]) * inv_eps
-        u = tf.sigmoid(w)
-        mass = _total(a * u, axis=-1, keepdims=True)
-        r = mass - above_target
+        below, above = _membership_columns(z, t, inv_eps, m)
+        r = _total(a * above, axis=-1, keepdims=True) - above_target
         if not with_covariance:
             return r, None
-        k = _total(a * u * tf.sigmoid(-w), axis=-1, keepdims=True)
+        k = _total(a * above * below, axis=-1, keepdims=True)
         return r, k[:, :, None]
     if m == 3:
-        u0 = (z - t[:, :1]) * inv_eps
-        u1 = (z - t[:, 1:2]) * inv_eps
-        above0 = tf.sigmoid(u0 + tf.nn.softplus(u1))
-        above1 = tf.sigmoid(u1 - tf.nn.softplus(-u0))
-        below0 = tf.sigmoid(-(u0 + tf.nn.softplus(u1)))
-        below1 = tf.sigmoid(-(u1 - tf.nn.softplus(-u0)))
-        mass0 = _total(a * above0, axis=-1)
-        mass1 = _total(a * above1, axis=-1)
+        low, middle, high = _membership_columns(z, t, inv_eps, m)
+        mass0 = _total(a * (middle + high), axis=-1)
+        mass1 = _total(a * high, axis=-1)
         r = tf.stack([mass0, mass1], axis=-1) - above_target
         if not with_covariance:
             return r, None
-        k00 = _total(a * above0 * below0, axis=-1)
-        k11 = _total(a * above1 * below1, axis=-1)
-        k01 = _total(a * above1 * below0, axis=-1)
+        # Cov(1[>j], 1[>l]) = U_max (1 - U_min), with 1 - U formed from the lower columns.
+        k00 = _total(a * (middle + high) * low, axis=-1)
+        k11 = _total(a * high * (low + middle), axis=-1)
+        k01 = _total(a * high * low, axis=-1)
         k = tf.stack([tf.stack([k00, k01], -1), tf.stack([k01, k11], -1)], -2)
         return r, k
     above = _above(_memberships(z, t, inv_eps, m))

@@ -1,0 +1,87 @@
+"""`SoftRank`: soft ranks as a Keras layer."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_softquantile import ops
+from keras_softquantile.layers import _base
+
+__all__ = ["SoftRank"]
+
+
+@keras.saving.register_keras_serializable(package="keras_softquantile")
+class SoftRank(_base.SoftLayer):
+    """Soft ranks of the inputs along an axis, in [0, n - 1].
+
+    The differentiable counterpart of `argsort(argsort(x))` (rank 0 for the smallest entry,
+    or the largest with `descending=True`); see `keras_softquantile.ops.soft_rank`. Ranks sum
+    to `n (n - 1) / 2` and converge to the hard ranks as `epsilon -> 0`. The length of `axis`
+    must be static. The op has no notion of padding: a Keras mask is accepted only if it is
+    all True (checked at run time); it is passed on unchanged to the output.
+
+    >>> layer = keras_softquantile.layers.SoftRank(epsilon=1e-3)
+    >>> keras.ops.round(layer(np.array([[3.0, 1.0, 2.0]], "float32")))
+    <tf.Tensor: shape=(1, 3), dtype=float32, numpy=array([[2., 0., 1.]], dtype=float32)>
+
+    Args:
+        epsilon: positive float, the initial smoothing; smaller is sharper. Held in a weight
+            (`epsilon_variable`) that `set_epsilon` can anneal during training.
+        trainable_epsilon: learn epsilon: `epsilon_variable` then holds a trainable
+            log(epsilon), so epsilon stays positive.
+        axis: the axis to rank along (static length).
+        descending: rank 0 for the largest entry.
+        solver: "auto", "newton" or "sinkhorn".
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: float tensor of rank >= 2.
+        mask: optional boolean Keras mask; must be all True (see above).
+
+    Returns:
+        Ranks with the shape of `inputs`, in the compute dtype.
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1e-2,
+        trainable_epsilon: bool = False,
+        axis: int = -1,
+        descending: bool = False,
+        solver: str = "auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self._init_common(epsilon, trainable_epsilon, axis, solver)
+        self.descending = _base.check_bool(descending, "descending")
+
+    def build(self, input_shape: tuple | list) -> None:
+        _base.static_axis_length(self.axis, input_shape, "SoftRank")
+        self._build_epsilon()
+
+    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        _base.check_float_input(inputs, "SoftRank")
+        with tf.control_dependencies(_base.assert_no_padding(mask, inputs, "SoftRank")):
+            return ops.soft_rank(
+                inputs,
+                epsilon=self.get_epsilon(),
+                axis=self.axis,
+                descending=self.descending,
+                solver=self.solver,
+            )
+
+    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
+        return mask
+
+    def compute_output_shape(self, input_shape: tuple | list) -> tuple:
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, mask=None):
+        _base.check_float_input(inputs, "SoftRank")
+        return super().compute_output_spec(inputs, mask=mask)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({**self._epsilon_config(), "descending": self.descending})
+        return config
