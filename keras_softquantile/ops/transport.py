@@ -19,8 +19,9 @@ probability that item `i` lies above boundary `j`, and `c_j = sum_{k > j} b_k`.
 positive semi-definite `(m - 1) x (m - 1)` matrix (there is no gauge freedom left to fix).
 
 Solvers.
-  * `solve_newton`: safeguarded Newton on `t`, O(n m^2) per step. Warm start at the quantiles
-    of a strided subsample of the scores, Newton direction `epsilon K^-1 r` (with a tiny ridge
+  * `solve_newton`: safeguarded Newton on `t`, O(n m^2) per step. Warm start by a 12-round
+    counting bisection of each boundary (m <= 3 on rows longer than 256: no sort) or at the
+    quantiles of a strided subsample of the scores, Newton direction `epsilon K^-1 r` (with a tiny ridge
     and a trust cap), backtracking on the residual norm, per-row stopping. The fast path for
     few targets (top-k masks: m = 2, quartile masks: m = 3).
   * `solve_sinkhorn`: log-domain Sinkhorn on the column potentials, O(n m) per iteration, warm
@@ -49,6 +50,7 @@ import tensorflow as tf
 
 __all__ = [
     "TransportResult",
+    "bisection_boundaries",
     "default_tolerance",
     "quantile_boundaries",
     "solve_newton",
@@ -305,6 +307,48 @@ def quantile_boundaries(
     return tf.where(count > 0, boundary, 0.5 * tf.ones_like(boundary))
 
 
+def bisection_boundaries(
+    z: tf.Tensor, a: tf.Tensor, above_target: tf.Tensor, rounds: int = 12
+) -> tf.Tensor:
+    """Hard bucket boundaries by bisection on counts, to `2**-rounds` in squashed units.
+
+    Each round counts the weight above the midpoint of every boundary's bracket (one
+    compare-and-sum pass, no transcendental, no sort) and halves the bracket. Exact counts over
+    the whole row, so it needs no subsample; 12 rounds place each boundary within 2.4e-4.
+
+    Args:
+        z: `[rows, n]` squashed scores in [0, 1].
+        a: `[rows, n]` weights, zero for padding.
+        above_target: `[rows, m - 1]` mass above each boundary.
+        rounds: bisection rounds.
+
+    Returns:
+        `[rows, m - 1]` boundaries.
+    """
+    low = tf.zeros_like(above_target)
+    high = tf.ones_like(above_target)
+    for _ in range(rounds):
+        middle = 0.5 * (low + high)
+        above = _total(a[:, :, None] * tf.cast(z[:, :, None] > middle[:, None, :], z.dtype), 1)
+        too_much_above = above > above_target
+        low = tf.where(too_much_above, middle, low)
+        high = tf.where(too_much_above, high, middle)
+    boundary = 0.5 * (low + high)
+    # With a whole number of entries above, any point of the gap between two neighbours is a
+    # hard solution and the bracket slides to one end; centre it in the gap instead, where
+    # the soft solution lies when epsilon is below the gap.
+    valid = (a > 0)[:, :, None]
+    zz = z[:, :, None]
+    is_above = zz > boundary[:, None, :]
+    below_item = tf.reduce_max(tf.where(valid & ~is_above, zz, -tf.ones_like(zz)), axis=1)
+    above_item = tf.reduce_min(tf.where(valid & is_above, zz, 2 * tf.ones_like(zz)), axis=1)
+    count_above = _total(a[:, :, None] * tf.cast(is_above, z.dtype), 1)
+    smallest_weight = tf.reduce_min(tf.where(a > 0, a, tf.ones_like(a)), axis=-1, keepdims=True)
+    whole = tf.abs(count_above - above_target) < 1e-3 * smallest_weight
+    inside = (below_item >= 0) & (above_item <= 1)
+    return tf.where(whole & inside, 0.5 * (below_item + above_item), boundary)
+
+
 # --------------------------------------------------------------------------------------------
 # Solvers.
 # --------------------------------------------------------------------------------------------
@@ -386,6 +430,13 @@ def _newton_loop(z, a, c, eps, m, t, max_iterations, tolerance):
 # TensorFlow's faster CPU sort. Eagerly it runs op by op (no per-shape compilation).
 _compiled_newton_loop = tf.function(_newton_loop, jit_compile=True, reduce_retracing=True)
 COMPILE_SOLVER_LOOP = True
+_compiled_bisection = tf.function(bisection_boundaries, jit_compile=True, reduce_retracing=True)
+
+
+def _run_bisection(z, a, c):
+    if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
+        return _compiled_bisection(z, a, c)
+    return bisection_boundaries(z, a, c)
 
 
 def _run_newton_loop(*args):
@@ -576,8 +627,9 @@ def solve_newton(
     """Solves the transport by safeguarded Newton on the bucket boundaries.
 
     Fast for few targets (each step costs O(n m^2) and one `(m - 1) x (m - 1)` solve, in
-    closed form for m <= 3). Typically converges in 2 to 5 steps from the subsample-quantile
-    warm start; each row stops on its own.
+    closed form for m <= 3). Typically converges in 1 to 5 steps from its warm start
+    (`bisection_boundaries` for m <= 3, `quantile_boundaries` otherwise); each row stops on
+    its own.
 
     Args:
         z: `[rows, n]` squashed scores in [0, 1] (see `squash_scores`).
@@ -588,7 +640,8 @@ def solve_newton(
         tolerance: stop when every cumulative marginal is within this fraction of the total
             mass; defaults to 1e-11 in float64 and 1e-5 otherwise.
         warm_start: optional `[rows, m - 1]` initial boundaries.
-        sample_size: entries per row sorted for the warm start; None sorts whole rows.
+        sample_size: entries per row sorted for the warm start when m > 3; None sorts whole
+            rows.
 
     Returns:
         A `TransportResult`.
@@ -597,7 +650,15 @@ def solve_newton(
     m = b.shape[-1]
     with tf.name_scope("solve_newton"):
         zs, as_, cs, es = (tf.stop_gradient(v) for v in (z, a, c, eps))
-        t0 = quantile_boundaries(zs, as_, cs, sample_size) if warm_start is None else warm_start
+        if warm_start is not None:
+            t0 = warm_start
+        elif m <= 3 and (z.shape[-1] is None or z.shape[-1] > 256):
+            # Few boundaries on long rows: exact-count bisection beats sorting (256 x 1e3 rows:
+            # 1.5x of a hard sort against 4x with the sorted warm start, measured
+            # interleaved). Short rows sort exactly and cheaply, which starts Newton closer.
+            t0 = _run_bisection(zs, as_, cs)
+        else:
+            t0 = quantile_boundaries(zs, as_, cs, sample_size)
         t, k, iterations = _run_newton_loop(
             zs, as_, cs, es, m, tf.stop_gradient(t0), max_iterations, tol
         )

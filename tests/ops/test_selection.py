@@ -399,7 +399,8 @@ class TestTransportInternals:
         sinkhorn = ops.transport.solve_sinkhorn(z, a, b, 1e-1)
         assert bool(tf.reduce_all(newton.converged)) and bool(tf.reduce_all(sinkhorn.converged))
         assert int(tf.reduce_max(newton.iterations)) <= 10
-        stopped = ops.transport.solve_newton(z, a, b, 1e-3, max_iterations=0, sample_size=4)
+        far = tf.constant([[0.05, 0.1]] * 2, tf.float64)
+        stopped = ops.transport.solve_newton(z, a, b, 1e-3, max_iterations=0, warm_start=far)
         assert not bool(tf.reduce_all(stopped.converged))
 
 
