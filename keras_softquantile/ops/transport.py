@@ -22,8 +22,8 @@ Solvers.
   * `solve_newton`: safeguarded Newton on `t`, O(n m^2) per step. Warm start by a 12-round
     counting bisection of each boundary (m <= 3 on rows longer than 256: no sort) or at the
     quantiles of a strided subsample of the scores, Newton direction `epsilon K^-1 r` (with a
-    tiny ridge and a trust cap), backtracking on the residual norm, per-row stopping. The fast path for
-    few targets (top-k masks: m = 2, quartile masks: m = 3).
+    tiny ridge and a trust cap), backtracking on the residual norm, per-row stopping. The fast
+    path for few targets (top-k masks: m = 2, quartile masks: m = 3).
   * `solve_sinkhorn`: log-domain Sinkhorn on the column potentials, O(n m) per iteration, warm
     started at the exact quantile boundaries and polished by a few Newton steps. For many
     targets (sorting, ranks, ordered gathers).
