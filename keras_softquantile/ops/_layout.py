@@ -68,16 +68,8 @@ class Rows:
         return tf.transpose(y, inverse + list(range(self.rank, self.rank + trailing)))
 
 
-_compiled_squash = tf.function(
-    lambda x, valid: squash_scores(x, mask=valid), jit_compile=True, reduce_retracing=True
-)
-
-
-def _squash(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
-    """`squash_scores`, as one XLA cluster inside traced graphs (as the solver loop)."""
-    if transport.COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
-        return _compiled_squash(x, valid)
-    return squash_scores(x, mask=valid)
+# Squashing, as one XLA cluster inside traced graphs (like the solver's stages).
+_squash = transport.compiled_in_graphs(lambda x, valid: squash_scores(x, mask=valid))
 
 
 class Prepared:
@@ -103,11 +95,16 @@ class Prepared:
         self.weights = valid_float / tf.maximum(self.count, 1)
         self.z = _squash(x_rows, self.valid)
 
-    def values(self, values, name: str = "values") -> tf.Tensor:
-        """Validates a float tensor of the scores' shape and returns it as compute-dtype rows."""
+    def values(self, values, name: str = "values", own_precision: bool = False) -> tf.Tensor:
+        """Validates a float tensor of the scores' shape and returns it as rows.
+
+        The rows are in the scores' compute dtype, or with `own_precision` in the values' own
+        compute dtype (float64 values ordered by float32 scores stay float64).
+        """
         values = _validation.float_tensor(values, name)
         _validation.check_same_shape(values, self.scores, name)
-        return self.layout.flatten(tf.cast(values, self.dtype))
+        dtype = _validation.compute_dtype(values.dtype) if own_precision else self.dtype
+        return self.layout.flatten(tf.cast(values, dtype))
 
     def output(self, y: tf.Tensor) -> tf.Tensor:
         return tf.cast(y, self.input_dtype)

@@ -114,15 +114,11 @@ def soft_sort_with(
     """
     with tf.name_scope(name or "soft_sort_with"):
         prepared = Prepared(scores, axis, None)
-        values = _validation.float_tensor(values, "values")
-        _validation.check_same_shape(values, prepared.scores)
-        # Values keep their own precision (float64 values ordered by float32 scores).
-        value_dtype = _validation.compute_dtype(values.dtype)
-        rows = prepared.layout.flatten(tf.cast(values, value_dtype))
+        rows = prepared.values(values, own_precision=True)
         ordered, _ = _sorted_rows(rows, prepared, epsilon, solver, "soft_sort_with")
         if descending:
             ordered = tf.reverse(ordered, axis=[-1])
-        return tf.cast(prepared.layout.restore(ordered), values.dtype)
+        return tf.cast(prepared.layout.restore(ordered), tf.convert_to_tensor(values).dtype)
 
 
 def soft_rank(

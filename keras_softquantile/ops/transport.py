@@ -425,24 +425,27 @@ def _newton_loop(z, a, c, eps, m, t, max_iterations, tolerance):
     return t, k, iterations
 
 
-# Inside a traced graph the solver loop, which needs no gradient, runs as one XLA cluster: it
-# fuses each pass over the data into a single loop, while the warm-start sort stays on
-# TensorFlow's faster CPU sort. Eagerly it runs op by op (no per-shape compilation).
-_compiled_newton_loop = tf.function(_newton_loop, jit_compile=True, reduce_retracing=True)
+# Inside traced graphs the solver's stages run as XLA clusters: each pass over the data fuses
+# into one loop instead of running kernel by kernel, while the warm-start sort (for many
+# targets) stays on TensorFlow's faster CPU sort. Eager calls run op by op (no per-shape
+# compilation). Set to False to run every stage op by op.
 COMPILE_SOLVER_LOOP = True
-_compiled_bisection = tf.function(bisection_boundaries, jit_compile=True, reduce_retracing=True)
 
 
-def _run_bisection(z, a, c):
-    if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
-        return _compiled_bisection(z, a, c)
-    return bisection_boundaries(z, a, c)
+def compiled_in_graphs(function):
+    """`function`, run as one XLA cluster when called inside a traced graph."""
+    compiled = tf.function(function, jit_compile=True, reduce_retracing=True)
+
+    def dispatch(*args):
+        if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
+            return compiled(*args)
+        return function(*args)
+
+    return dispatch
 
 
-def _run_newton_loop(*args):
-    if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
-        return _compiled_newton_loop(*args)
-    return _newton_loop(*args)
+_run_bisection = compiled_in_graphs(bisection_boundaries)
+_run_newton_loop = compiled_in_graphs(_newton_loop)
 
 
 def _reverse_cumsum(x: tf.Tensor) -> tf.Tensor:
@@ -522,16 +525,15 @@ def _implicit_memberships(z, eps, a, c, t_star, k_star, m):
     return implicit(z, eps)
 
 
-# In a traced graph the implicit step also runs as an XLA cluster (its hand-written backward
-# too): elementwise passes over [rows, n] fuse instead of running kernel by kernel.
-_compiled_implicit_memberships = tf.function(
-    _implicit_memberships, jit_compile=True, reduce_retracing=True
-)
+# The implicit step, its hand-written backward included.
+_run_implicit_memberships = compiled_in_graphs(_implicit_memberships)
 
 
 def _implicit_gradient_columns(z, eps, a, t_star, k_star, t_out, shrink, m, grad_pi, grad_t):
     """The backward pass of `_implicit_memberships` for m <= 3, one `[rows, n]` column at a
-    time, so that XLA fuses it into a few loops instead of materialising `[rows, n, m]` arrays.
+    time (elementwise only, nothing `[rows, n, m]`). Measured against the tensor form below,
+    forward+backward relative to tf.sort in the same run: 256 x 1e3, 3.3x vs 6.5x (graph) and
+    2.0x vs 2.5x (XLA); 1 x 1e6, 0.65x vs 0.86x (XLA).
 
     With logits `L_j = (j z - T_j) / epsilon`, the sums over j of `w_j L_j` split into
     `z / epsilon * sum_j j w_j - 1 / epsilon * sum_j T_j w_j`, which avoids forming L.
@@ -585,10 +587,7 @@ def _finish(z, a, b, c, eps, m, t_star, k_star, iterations, tolerance) -> Transp
     """The implicit-gradient step from the (constant) solution, and the diagnostics."""
     a, c, t_star, k_star = (tf.stop_gradient(v) for v in (a, c, t_star, k_star))
     eps = tf.convert_to_tensor(eps)
-    implicit = _implicit_memberships
-    if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
-        implicit = _compiled_implicit_memberships
-    pi, t_out, r = implicit(z, eps, a, c, t_star, k_star, m)
+    pi, t_out, r = _run_implicit_memberships(z, eps, a, c, t_star, k_star, m)
     pi = pi * tf.cast(a > 0, pi.dtype)[:, :, None]
     # Column errors from the cumulative residual at t*: bucket j holds C_{j-1} - C_j. The
     # returned memberships are one Newton step better still.
