@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import keras
 import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
+from keras_softquantile.ops import _validation
 
 __all__ = ["SoftQuantileSplit"]
 
 _OUTPUTS = ("weights", "mean", "sorted")
-
-
-def _check_quantile(quantile) -> float:
-    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real):
-        raise TypeError(f"`quantile` must be a float in (0, 0.5]. Received: quantile={quantile!r}")
-    if not 0.0 < float(quantile) <= 0.5:
-        raise ValueError(f"`quantile` must lie in (0, 0.5]. Received: quantile={quantile!r}")
-    return float(quantile)
 
 
 @keras.saving.register_keras_serializable(package="keras_softquantile")
@@ -74,7 +66,7 @@ class SoftQuantileSplit(_base.SoftLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.quantile = _check_quantile(quantile)
+        self.quantile = _validation.check_split_quantile(quantile)
         if output not in _OUTPUTS:
             raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
         # `Layer.output` is Keras's symbolic output (used by functional models), so the output

@@ -209,3 +209,12 @@ def assert_finite_scores(x: tf.Tensor, valid: tf.Tensor | None, name: str = "sco
             )
     else:
         tf.debugging.Assert(all_finite, [message + "."])
+
+
+def check_split_quantile(quantile) -> float:
+    """The level q of a lower/upper split, a float in (0, 0.5]."""
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real):
+        raise TypeError(f"`quantile` must be a float in (0, 0.5]. Received: quantile={quantile!r}")
+    if not 0.0 < float(quantile) <= 0.5:
+        raise ValueError(f"`quantile` must lie in (0, 0.5]. Received: quantile={quantile!r}")
+    return float(quantile)

@@ -168,14 +168,6 @@ def soft_topk_mask(
         return output
 
 
-def _check_split_quantile(quantile) -> float:
-    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real):
-        raise TypeError(f"`quantile` must be a float in (0, 0.5]. Received: quantile={quantile!r}")
-    if not 0.0 < float(quantile) <= 0.5:
-        raise ValueError(f"`quantile` must lie in (0, 0.5]. Received: quantile={quantile!r}")
-    return float(quantile)
-
-
 def soft_quantile_split(
     values: tf.Tensor,
     scores: tf.Tensor,
@@ -222,7 +214,7 @@ def soft_quantile_split(
     Returns:
         `(low, high)` as described; with `return_diagnostics`, `((low, high), diagnostics)`.
     """
-    quantile = _check_split_quantile(quantile)
+    quantile = _validation.check_split_quantile(quantile)
     if output not in _OUTPUTS:
         raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
     with tf.name_scope(name or "soft_quantile_split"):
