@@ -1,0 +1,171 @@
+"""Objectives `f(A_low, A_high)` of a quantile selection, minimised by `QuantileObjectiveModel`.
+
+An objective receives the lower and the upper selection of one batch of instances, in the form
+the model's `output` mode gives them, and returns one value per instance (`[batch]`) or a
+scalar; the model minimises its mean.
+
+* `output="weights"`: each argument is a `Selection(values, weights)`: `values` `[batch, n]`
+  (padding zeroed) and the soft membership `weights` `[batch, n]`, which sum to `q * n` per
+  instance. `Selection.mean()` gives the membership-weighted mean.
+* `output="mean"`: each argument is the weighted mean, `[batch]`.
+* `output="sorted"`: each argument holds the selected values ordered by ascending score,
+  `[batch, k]` with `k = floor(q * n)`: the soft counterpart of
+  `tf.gather(A, tf.argsort(C))[:, :k]` and `[:, -k:]`.
+
+The model also evaluates the objective on the hard selection (without gradient), passing the
+same structure with 0/1 weights, so the `hard_objective` metric is the same `f` at epsilon 0.
+
+Built-in objectives, by name: `"spread"` (any output) and `"rank_weighted_spread"` (needs
+`output="sorted"`). Your own objective is any callable with this signature; register it with
+`keras.saving.register_keras_serializable` so a saved model reloads it with `safe_mode` on. An
+objective that needs one output mode can say so in a `required_output` attribute
+(`f.required_output = "sorted"`), which the model checks at construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+__all__ = ["Selection", "get", "rank_weighted_spread", "serialize", "spread"]
+
+
+class Selection(NamedTuple):
+    """Values with selection weights, what an objective receives with `output="weights"`.
+
+    Attributes:
+        values: `[batch, n]` values `A` (zero at padded positions).
+        weights: `[batch, n]` membership of each entry in the selection, in [0, 1].
+    """
+
+    values: tf.Tensor
+    weights: tf.Tensor
+
+    def total(self) -> tf.Tensor:
+        """Selected mass per instance, `[batch]` (`q * n` for the soft selection)."""
+        return tf.reduce_sum(self.weights, axis=-1)
+
+    def mean(self) -> tf.Tensor:
+        """Membership-weighted mean of the values per instance, `[batch]`."""
+        total = self.total()
+        safe = tf.where(total > 0, total, tf.ones_like(total))
+        return tf.reduce_sum(self.weights * self.values, axis=-1) / safe
+
+
+def _mean_of(selection) -> tf.Tensor:
+    if isinstance(selection, Selection):
+        return selection.mean()
+    selection = tf.convert_to_tensor(selection)
+    return selection if selection.shape.rank == 1 else tf.reduce_mean(selection, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_softquantile")
+def spread(low, high) -> tf.Tensor:
+    """The quartile spread `mean(A_low) - mean(A_high)`, per instance.
+
+    Minimising it ranks high the entries with high values: it is minus the return of a
+    long-short portfolio that buys the upper quantile of the scores and sells the lower one.
+    Works with every `output` mode.
+
+    Args:
+        low: the lower selection (`Selection`, `[batch]` means or `[batch, k]` values).
+        high: the upper selection, in the same form.
+
+    Returns:
+        `[batch]` spreads.
+    """
+    return _mean_of(low) - _mean_of(high)
+
+
+def _rank_weights(k: int, dtype: tf.DType, increasing: bool) -> tf.Tensor:
+    steps = tf.range(1, k + 1, dtype=dtype)
+    weights = steps if increasing else tf.reverse(steps, [0])
+    return weights / tf.reduce_sum(weights)
+
+
+@keras.saving.register_keras_serializable(package="keras_softquantile")
+def rank_weighted_spread(low, high) -> tf.Tensor:
+    """The spread with linearly more weight on the more extreme scores, per instance.
+
+    With `A_low` and `A_high` ordered by ascending score (as `output="sorted"` gives them),
+    position `j` of the lower selection gets weight proportional to `k - j` (the lowest score
+    weighs most) and position `j` of the upper one weight proportional to `j + 1` (the highest
+    score weighs most); each set of weights sums to one. It depends on the order of the
+    selected values, so it needs `output="sorted"`:
+    `sum_j w_low[j] A_low[j] - sum_j w_high[j] A_high[j]`.
+
+    Args:
+        low: `[batch, k]` lower selection, ascending score order.
+        high: `[batch, k]` upper selection, ascending score order.
+
+    Returns:
+        `[batch]` weighted spreads.
+    """
+    if isinstance(low, Selection) or isinstance(high, Selection):
+        raise ValueError(
+            "`rank_weighted_spread` depends on the order of the selected values: use it with "
+            "output='sorted'. Received: a Selection (output='weights')"
+        )
+    low = tf.convert_to_tensor(low)
+    high = tf.convert_to_tensor(high)
+    if low.shape.rank != 2 or high.shape.rank != 2:
+        raise ValueError(
+            "`rank_weighted_spread` needs the sorted selections `[batch, k]` of "
+            f"output='sorted'. Received: low.shape={low.shape}, high.shape={high.shape}"
+        )
+    k = low.shape[-1]
+    if k is None:
+        raise ValueError(
+            f"`rank_weighted_spread` needs a static k. Received: low.shape={low.shape}"
+        )
+    if k == 0:
+        return tf.zeros(tf.shape(low)[:1], low.dtype)
+    low_weights = _rank_weights(k, low.dtype, increasing=False)
+    high_weights = _rank_weights(k, high.dtype, increasing=True)
+    return tf.linalg.matvec(low, low_weights) - tf.linalg.matvec(high, high_weights)
+
+
+# An objective that needs one `output` mode says so in this attribute; the model checks it.
+rank_weighted_spread.required_output = "sorted"
+_BUILTINS: dict[str, Callable] = {"spread": spread, "rank_weighted_spread": rank_weighted_spread}
+
+
+def get(identifier: str | Callable | dict) -> Callable:
+    """The objective function for a built-in name, a callable or a serialized config.
+
+    Args:
+        identifier: "spread", "rank_weighted_spread", a callable `f(low, high)`, or the config
+            that `serialize` returned (for a function registered with
+            `keras.saving.register_keras_serializable`).
+
+    Returns:
+        The callable.
+    """
+    if isinstance(identifier, str):
+        if identifier in _BUILTINS:
+            return _BUILTINS[identifier]
+        raise ValueError(
+            f"Unknown objective name; built-in objectives are {sorted(_BUILTINS)}, or pass a "
+            f"callable f(low, high). Received: objective={identifier!r}"
+        )
+    if isinstance(identifier, dict):
+        identifier = keras.saving.deserialize_keras_object(identifier)
+    if not callable(identifier):
+        raise TypeError(
+            "`objective` must be a built-in name or a callable f(low, high) returning one "
+            f"value per instance. Received: objective={identifier!r}"
+        )
+    return identifier
+
+
+def serialize(objective: str | Callable) -> str | dict:
+    """What `QuantileObjectiveModel.get_config` stores for an objective: a name or a config."""
+    if isinstance(objective, str):
+        return objective
+    for name, function in _BUILTINS.items():
+        if objective is function:
+            return name
+    return keras.saving.serialize_keras_object(objective)
