@@ -1,6 +1,6 @@
 """Differentiable soft top-k and quantile selection for Keras, by entropic optimal transport."""
 
-from keras_softquantile import layers, ops
+from keras_softquantile import callbacks, layers, models, objectives, ops
 from keras_softquantile.layers import (
     SoftQuantileMasks,
     SoftQuantiles,
@@ -9,7 +9,9 @@ from keras_softquantile.layers import (
     SoftSort,
     SoftTopK,
 )
+from keras_softquantile.models import LinearScorer, QuantileObjectiveModel
 from keras_softquantile.ops import (
+    perturbed_quantile_split,
     soft_quantile,
     soft_quantile_masks,
     soft_quantile_split,
@@ -22,14 +24,20 @@ from keras_softquantile.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearScorer",
+    "QuantileObjectiveModel",
     "SoftQuantileMasks",
     "SoftQuantileSplit",
     "SoftQuantiles",
     "SoftRank",
     "SoftSort",
     "SoftTopK",
+    "callbacks",
     "layers",
+    "models",
+    "objectives",
     "ops",
+    "perturbed_quantile_split",
     "soft_quantile",
     "soft_quantile_masks",
     "soft_quantile_split",
