@@ -11,7 +11,8 @@ gradient with respect to the scores by
 
 For each, in one run: the median time of one forward+backward pass (`tf.function`, graph
 mode, after a warm-up), the relative variance of the gradient over `--draws` seeds
-(`E|g - mean g|^2 / |mean g|^2`; 0 for the deterministic OT estimator), and the cosine between
+(`E|g - E g|^2 / |E g|^2`, with `|E g|^2` estimated without the noise of the mean of the
+draws; 0 for the deterministic OT estimator), and the cosine between
 the gradient and a reference: the mean of the perturbed gradients at the largest
 `num_samples`. `epsilon` and `sigma` are both in quantile-level units but smooth differently,
 so by default `sigma` is calibrated to give the same sharpness as `epsilon` (the `sharpness`
@@ -108,7 +109,11 @@ def measure(batch: int, n: int, args) -> list[dict]:
         mean = gradients.mean(0)
         if reference is None:
             reference = mean  # perturbed at the largest num_samples
-        variance = float(((gradients - mean) ** 2).sum(1).mean() / (mean @ mean))
+        draws_count = len(gradients)
+        spread = ((gradients - mean) ** 2).sum() / max(draws_count - 1, 1)  # E|g - E g|^2
+        # |E g|^2, less the noise that the mean of a few draws still carries.
+        signal = mean @ mean - spread / draws_count
+        variance = float(spread / signal) if signal > 0 else float("inf")
         sharpness = float(tf.reduce_mean(tf.abs(draws[0][1] - hard_high)))
         seconds = median_time(function, scores, seeds[0], repeats=args.repeats)
         draws_by_run[(estimator, samples)] = gradients

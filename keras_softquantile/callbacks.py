@@ -155,8 +155,9 @@ class EpsilonAnnealing(keras.callbacks.Callback):
 class SelectionMonitor(keras.callbacks.Callback):
     """Writes TensorBoard summaries of the scorer and of the selection on a fixed batch.
 
-    Every `every_n_epochs` epochs it evaluates `model.selection(A, B)` of a
-    `QuantileObjectiveModel` on the monitored `data` and writes, under `log_dir/selection`:
+    Before training and every `every_n_epochs` epochs (and after the last) it evaluates
+    `model.selection(A, B)` of a `QuantileObjectiveModel` on the monitored `data` and writes,
+    under `log_dir/selection`, at step = the number of epochs completed:
 
     * histograms of the scorer's weights (`theta` for the default linear scorer, else
       `scorer/<weight path>`);
@@ -218,12 +219,25 @@ class SelectionMonitor(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "selection"))
         self._last_epoch = (self.params or {}).get("epochs")
+        self.write(self._initial_epoch())
+
+    def _initial_epoch(self) -> int:
+        """Epochs already completed before this `fit` (a continued or resumed run).
+
+        Keras tells callbacks no initial epoch, so it is the optimizer's iteration count over
+        the steps per epoch.
+        """
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        steps = (self.params or {}).get("steps")
+        if iterations is None or not steps:
+            return 0
+        return int(keras.ops.convert_to_numpy(iterations)) // steps
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         last = self._last_epoch is not None and epoch + 1 == self._last_epoch
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        self.write(epoch)
+        self.write(epoch + 1)
 
     def on_train_end(self, logs=None) -> None:
         if self._writer is not None:
@@ -231,7 +245,7 @@ class SelectionMonitor(keras.callbacks.Callback):
             self._writer = None
 
     def write(self, step: int) -> None:
-        """Writes the summaries now, at TensorBoard step `step`."""
+        """Writes the summaries now, at TensorBoard step `step` (epochs completed)."""
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "selection"))
         selection = {
@@ -285,7 +299,10 @@ def _membership_image(scores, low, high, low_mask, high_mask, height: int) -> np
     image = np.ones((height, width, 3), np.float32)
     image[:, hard] = 0.85
     colours = ((0.85, 0.1, 0.1), (0.1, 0.2, 0.9))
+    margin = 3  # keep the 2-pixel curves off the border at memberships 0 and 1
+    columns = np.arange(width)
     for curve, colour in zip(curves, colours, strict=True):
-        rows = np.clip(np.round((1 - curve) * (height - 1)).astype(int), 0, height - 1)
-        image[rows, np.arange(width)] = colour
+        rows = margin + np.round((1 - curve) * (height - 1 - 2 * margin)).astype(int)
+        for offset in (-1, 0):
+            image[rows + offset, columns] = colour
     return image

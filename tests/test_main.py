@@ -48,7 +48,7 @@ def test_demo_with_the_order_dependent_objective(tmp_path, capsys):
         [
             "demo",
             "--n",
-            "24",
+            "16",
             "--features",
             "3",
             "--instances",

@@ -436,12 +436,15 @@ class QuantileObjectiveModel(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data):
+        """One optimizer step on a batch `(A, B)`; returns the running metrics."""
         return self._step(data, training=True)
 
     def test_step(self, data):
+        """The metrics of a batch `(A, B)`, without an update."""
         return self._step(data, training=False)
 
     def predict_step(self, data):
+        """`{"scores", "lower_mask", "upper_mask"}` of a batch `(A, B)` or of features `B`."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, tuple | list) and len(x) == 2:
             values, features = self._check_data(*x)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import distinct_scores
+from layer_inputs import distinct_scores
 
 from keras_softquantile import layers, ops
 from keras_softquantile.testing import run_layer_test

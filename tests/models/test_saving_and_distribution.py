@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import planted_problem
+from problems import planted_problem
 
 import keras_softquantile as ksq
 
@@ -26,7 +26,7 @@ class TestKerasRoundTrip:
         [("spread", "weights", None), (low_tail_spread, "sorted", "dense")],
     )
     def test_restores_theta_epsilon_and_objective(self, tmp_path, objective, output, scorer):
-        A, B, _ = planted_problem(instances=8, n=40)
+        A, B, _ = planted_problem(instances=8, n=20)
         if scorer == "dense":
             scorer = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
         model = ksq.QuantileObjectiveModel(

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import hard_spread, planted_problem
+from problems import hard_spread, planted_problem
 
 import keras_softquantile as ksq
 
@@ -95,7 +95,7 @@ class TestOutputsAndScorers:
         [("spread", "mean"), ("spread", "sorted"), ("rank_weighted_spread", "sorted")],
     )
     def test_every_output_mode_trains(self, objective, output):
-        A, B, _ = planted_problem(instances=16, n=40)
+        A, B, _ = planted_problem(instances=16, n=24)
         model = ksq.QuantileObjectiveModel(objective, output=output, epsilon=1e-2)
         history = _fit(model, A, B, epochs=6)
         hard = history.history["hard_objective"]
