@@ -179,9 +179,12 @@ class TestQuantileMasks:
         assert np.all(np.isfinite(masks.numpy())) and np.all(np.isfinite(grad))
         np.testing.assert_allclose(masks.numpy().sum(1), [[2, 4, 2]], rtol=1e-9)
 
-    def test_all_equal_scores_share_memberships(self):
-        masks = ops.soft_quantile_masks(tf.constant([[2.0] * 8]), epsilon=1e-3).numpy()
-        np.testing.assert_allclose(masks[0], np.tile([0.25, 0.5, 0.25], (8, 1)), rtol=1e-5)
+    @pytest.mark.parametrize(("dtype", "atol"), [("float32", 2e-5), ("float64", 1e-10)])
+    def test_all_equal_scores_share_memberships(self, dtype, atol):
+        # To the solver's default tolerance of the total mass (1e-5 and 1e-11).
+        x = tf.constant([[2.0] * 8], dtype)
+        masks = ops.soft_quantile_masks(x, epsilon=1e-3).numpy()
+        np.testing.assert_allclose(masks[0], np.tile([0.25, 0.5, 0.25], (8, 1)), atol=atol)
 
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
@@ -457,3 +460,30 @@ class TestValidation:
     def test_top_level_exports(self):
         assert ksq.soft_topk_mask is ops.soft_topk_mask
         assert ksq.__version__
+
+
+class TestReportedConvergenceIsTrue:
+    """Regressions: the returned memberships are the ones the diagnostics describe."""
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_sorted_split_far_below_the_gaps(self, dtype):
+        # Ten evenly spaced values at epsilon 1e-4: no entry lies near a boundary, so the
+        # covariance underflows. The lower selection once came back as [0, 0].
+        v = tf.constant([[1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10]], dtype)
+        (low, high), diagnostics = ops.soft_quantile_split(
+            v, v, 0.25, epsilon=1e-4, output="sorted", return_diagnostics=True
+        )
+        np.testing.assert_allclose(low, [[1.0, 2.0]], atol=1e-4)
+        np.testing.assert_allclose(high, [[9.0, 10.0]], atol=1e-4)
+        assert bool(tf.reduce_all(diagnostics.converged))
+        masses = tf.reduce_sum(diagnostics.memberships, axis=-2).numpy()
+        np.testing.assert_allclose(masses, [[1, 1, 6, 1, 1]], atol=1e-3)
+
+    @pytest.mark.parametrize("epsilon", [1e-5, 1.78e-5, 3.2e-5])
+    def test_epsilon_far_below_one_over_n(self, epsilon):
+        x = tf.constant(np.random.default_rng(7).standard_normal((32, 1000)))
+        masks, diagnostics = ops.soft_quantile_masks(x, epsilon=epsilon, return_diagnostics=True)
+        assert bool(tf.reduce_all(diagnostics.converged)), diagnostics.marginal_error
+        np.testing.assert_allclose(
+            tf.reduce_sum(masks, axis=1), np.tile([[250.0, 500.0, 250.0]], (32, 1)), atol=1e-6
+        )
