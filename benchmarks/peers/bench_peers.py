@@ -612,7 +612,13 @@ def run_method_size(method: str, size: str, levels: list[str], args) -> list[dic
             "fd_dirs": args.fd_dirs,
             "seed": args.seed,
         }
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+        # OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads otherwise spin on both cores after
+        # each call and slow the interleaved tf.sort down (256 x 1e3: 11.4 ms alone, 16.2 ms
+        # right after torchsort calls), which flattered the torch methods' ratio to the sort.
+        # Passive waiting left torchsort's own time unchanged (24.2 vs 24.6 ms, measured).
+        env = dict(
+            os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE"
+        )
         proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", json.dumps(spec)],
             stdout=subprocess.PIPE,
@@ -1030,22 +1036,25 @@ def render_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         batch_rows = [r for r in level_rows if r["size"] == "256x1000"]
-        names = [m for m in methods if any(r["method"] == m for r in batch_rows)]
-        values = [next(r["time_ms"] for r in batch_rows if r["method"] == m) for m in names]
-        bx.barh(names, values, color=[colors[m] for m in names])
-        for i, m in enumerate(names):
-            ratio = next(r["ratio_to_sort"] for r in batch_rows if r["method"] == m)
-            bx.text(values[i], i, f" {ratio:.3g}x", va="center", fontsize=8)
-        if "256x1000" in sort_rows:
-            bx.axvline(sort_rows["256x1000"]["time_ms"], color="k", ls="--", label="tf.sort")
-            bx.legend(fontsize=8)
-        bx.set_xscale("log")
-        low = min([*values, sort_rows.get("256x1000", {}).get("time_ms", math.inf)])
-        bx.set_xlim(low / 3, max(values, default=low) * 20)
-        bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        bx.set_xlabel("ms, B x n = 256 x 1000 (label: x tf.sort)")
-        bx.invert_yaxis()
-        bx.grid(True, axis="x", which="both", alpha=0.3)
+        if not batch_rows:  # a run without 256 x 1000: no bar panel
+            bx.set_visible(False)
+        else:
+            names = [m for m in methods if any(r["method"] == m for r in batch_rows)]
+            values = [next(r["time_ms"] for r in batch_rows if r["method"] == m) for m in names]
+            bx.barh(names, values, color=[colors[m] for m in names])
+            for i, m in enumerate(names):
+                ratio = next(r["ratio_to_sort"] for r in batch_rows if r["method"] == m)
+                bx.text(values[i], i, f" {ratio:.3g}x", va="center", fontsize=8)
+            if "256x1000" in sort_rows:
+                bx.axvline(sort_rows["256x1000"]["time_ms"], color="k", ls="--", label="tf.sort")
+                bx.legend(fontsize=8)
+            bx.set_xscale("log")
+            low = min([*values, sort_rows.get("256x1000", {}).get("time_ms", math.inf)])
+            bx.set_xlim(low / 3, max(values, default=low) * 20)
+            bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            bx.set_xlabel("ms, B x n = 256 x 1000 (label: x tf.sort)")
+            bx.invert_yaxis()
+            bx.grid(True, axis="x", which="both", alpha=0.3)
         fig.tight_layout()
         path = plot_dir / f"peers_time_mad{level}.png"
         fig.savefig(path, dpi=110)
