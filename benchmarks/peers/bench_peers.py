@@ -111,6 +111,18 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(batch), int(float(n))
 
 
+def base_row(cls, batch: int, n: int) -> dict:
+    """The fields every row of one method and size starts with."""
+    return {
+        "method": cls.name,
+        "label": cls.label,
+        "size": f"{batch}x{n}",
+        "batch": batch,
+        "n": n,
+        "param_name": cls.param_name,
+    }
+
+
 def make_inputs(batch: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, n)).astype(np.float32)
@@ -148,16 +160,26 @@ def _proc_status() -> dict:
     return out
 
 
-def peak_call_bytes(call) -> float:
-    """Peak RSS of one call above the RSS just before it (high-water mark reset first)."""
+def reset_peak() -> int:
+    """Releases what can be released, resets the RSS high-water mark; returns the RSS now."""
     gc.collect()
     time.sleep(0.2)  # let frameworks release the previous call's buffers
     _LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    before = _proc_status()["VmRSS"]
-    call()
+    return _proc_status()["VmRSS"]
+
+
+def peak_since(before: int) -> int:
+    """Peak RSS since `reset_peak` above the RSS it returned."""
     return _proc_status()["VmHWM"] - before
+
+
+def peak_call_bytes(call) -> float:
+    """Peak RSS of one call above the RSS just before it (high-water mark reset first)."""
+    before = reset_peak()
+    call()
+    return peak_since(before)
 
 
 def mad_of(upper: np.ndarray, hard_upper: np.ndarray) -> float:
@@ -309,18 +331,13 @@ def time_calls(sort_calls: dict, steps: dict, spec: dict, level: str):
         for name, call in steps.items():
             measure = last and min(times[name], default=0.0) > SLOW_CALL_S
             if measure:
-                gc.collect()
-                time.sleep(0.2)
-                _LIBC.malloc_trim(0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                before = _proc_status()["VmRSS"]
+                before = reset_peak()
             stage("repeat", level, CALL_LIMIT_S + 15)
             start = time.perf_counter()
             result = call()
             elapsed = time.perf_counter() - start
             if measure:
-                memory[name] = (_proc_status()["VmHWM"] - before, result)
+                memory[name] = (peak_since(before), result)
             times[name].append(elapsed)
             spent += elapsed
             if elapsed > CALL_LIMIT_S:
@@ -388,15 +405,7 @@ def run_worker(spec: dict) -> None:
     batch, n = spec["batch"], spec["n"]
     x, A = make_inputs(batch, n, spec["seed"])
     cls = METHODS[spec["method"]]
-
-    base = {
-        "method": cls.name,
-        "label": cls.label,
-        "size": f"{batch}x{n}",
-        "batch": batch,
-        "n": n,
-        "param_name": cls.param_name,
-    }
+    base = base_row(cls, batch, n)
     method = cls(x, A)
     x_tf = tf.constant(x)
     sort_graph = tf.function(lambda v: tf.sort(v, axis=-1))
@@ -584,14 +593,7 @@ def run_method_size(method: str, size: str, levels: list[str], args) -> list[dic
     """Runs one worker (respawning it for the levels left after a kill); returns its rows."""
     batch, n = parse_size(size)
     cls = METHODS[method]
-    base = {
-        "method": method,
-        "label": cls.label,
-        "size": f"{batch}x{n}",
-        "batch": batch,
-        "n": n,
-        "param_name": cls.param_name,
-    }
+    base = base_row(cls, batch, n)
     estimate = cls.estimate_bytes(batch, n)
     if estimate > ESTIMATE_LIMIT:
         status = f"skipped: OOM (estimated {estimate / 2**30:.0f} GiB)"
