@@ -20,8 +20,9 @@ class SoftQuantiles(_base.SoftLayer):
     interpolation (see `keras_softquantile.ops.soft_quantile`), converging to it as
     `epsilon -> 0`. A single level removes `axis`; a list of levels replaces it by one entry
     per level. The length of `axis` must be static. The op has no notion of padding: a Keras
-    mask is accepted only if it is all True (checked at run time), and the output (a
-    reduction) carries no mask.
+    mask is accepted only if it is all True (checked at run time: a `ValueError` eagerly, an
+    `InvalidArgumentError` in `tf.function`, NaN in the rows with padding under XLA), and the
+    output (a reduction) carries no mask.
 
     >>> layer = keras_softquantile.layers.SoftQuantiles([0.5, 1.0], epsilon=1e-3)
     >>> layer(np.array([[4.0, 1.0, 3.0, 2.0]], "float32"))
@@ -66,14 +67,18 @@ class SoftQuantiles(_base.SoftLayer):
 
     def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
         _base.check_float_input(inputs, "SoftQuantiles")
-        with tf.control_dependencies(_base.assert_no_padding(mask, inputs, "SoftQuantiles")):
-            return ops.soft_quantile(
-                inputs,
-                self.quantiles,
-                epsilon=self.get_epsilon(),
-                axis=self.axis,
-                solver=self.solver,
-            )
+        # XLA drops the assertion: rows holding padding then come out NaN.
+        rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftQuantiles")
+        output = ops.soft_quantile(
+            inputs,
+            self.quantiles,
+            epsilon=self.get_epsilon(),
+            axis=self.axis,
+            solver=self.solver,
+        )
+        return _base.nan_where_padded(
+            output, rows_ok, self.axis, reduced=not isinstance(self.quantiles, list)
+        )
 
     def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
         return None

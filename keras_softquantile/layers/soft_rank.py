@@ -19,7 +19,9 @@ class SoftRank(_base.SoftLayer):
     or the largest with `descending=True`); see `keras_softquantile.ops.soft_rank`. Ranks sum
     to `n (n - 1) / 2` and converge to the hard ranks as `epsilon -> 0`. The length of `axis`
     must be static. The op has no notion of padding: a Keras mask is accepted only if it is
-    all True (checked at run time); it is passed on unchanged to the output.
+    all True (checked at run time: a `ValueError` eagerly, an `InvalidArgumentError` in
+    `tf.function`, NaN in the rows with padding under XLA); it is passed on unchanged to the
+    output.
 
     >>> layer = keras_softquantile.layers.SoftRank(epsilon=1e-3)
     >>> keras.ops.round(layer(np.array([[3.0, 1.0, 2.0]], "float32")))
@@ -62,14 +64,16 @@ class SoftRank(_base.SoftLayer):
 
     def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
         _base.check_float_input(inputs, "SoftRank")
-        with tf.control_dependencies(_base.assert_no_padding(mask, inputs, "SoftRank")):
-            return ops.soft_rank(
-                inputs,
-                epsilon=self.get_epsilon(),
-                axis=self.axis,
-                descending=self.descending,
-                solver=self.solver,
-            )
+        # XLA drops the assertion: rows holding padding then come out NaN.
+        rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftRank")
+        output = ops.soft_rank(
+            inputs,
+            epsilon=self.get_epsilon(),
+            axis=self.axis,
+            descending=self.descending,
+            solver=self.solver,
+        )
+        return _base.nan_where_padded(output, rows_ok, self.axis)
 
     def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
         return mask

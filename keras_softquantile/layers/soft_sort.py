@@ -19,8 +19,9 @@ class SoftSort(_base.SoftLayer):
     `descending=True`); see `keras_softquantile.ops.soft_sort`. Each output entry is a convex
     combination of the inputs, the row sum is preserved exactly, and the output converges to
     the hard sort as `epsilon -> 0`. The length of `axis` must be static. The op has no notion
-    of padding: a Keras mask is accepted only if it is all True (checked at run time), and the
-    output (sorted positions, not entries) carries no mask.
+    of padding: a Keras mask is accepted only if it is all True (checked at run time: a
+    `ValueError` eagerly, an `InvalidArgumentError` in `tf.function`, NaN in the rows with
+    padding under XLA), and the output (sorted positions, not entries) carries no mask.
 
     >>> layer = keras_softquantile.layers.SoftSort(epsilon=1e-3)
     >>> layer(np.array([[3.0, 1.0, 2.0]], "float32"))
@@ -63,14 +64,16 @@ class SoftSort(_base.SoftLayer):
 
     def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
         _base.check_float_input(inputs, "SoftSort")
-        with tf.control_dependencies(_base.assert_no_padding(mask, inputs, "SoftSort")):
-            return ops.soft_sort(
-                inputs,
-                epsilon=self.get_epsilon(),
-                axis=self.axis,
-                descending=self.descending,
-                solver=self.solver,
-            )
+        # XLA drops the assertion: rows holding padding then come out NaN.
+        rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftSort")
+        output = ops.soft_sort(
+            inputs,
+            epsilon=self.get_epsilon(),
+            axis=self.axis,
+            descending=self.descending,
+            solver=self.solver,
+        )
+        return _base.nan_where_padded(output, rows_ok, self.axis)
 
     def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
         return None
