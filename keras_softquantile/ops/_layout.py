@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_softquantile.ops import _validation, transport
+from keras_softquantile.ops import _guards, _validation, transport
 from keras_softquantile.ops.squashing import squash_scores
 
 __all__: list[str] = []
@@ -73,27 +73,31 @@ _squash = transport.compiled_in_graphs(lambda x, valid: squash_scores(x, mask=va
 
 
 class Prepared:
-    """Validated scores as rows: squashed `z`, source weights `a`, dtypes and layout."""
+    """Validated scores as rows: squashed `z`, source weights `a`, dtypes, layout, and the
+    checks that decide whether a row's result may be returned (see `solve`)."""
 
     def __init__(self, scores, axis: int, mask, name: str = "scores"):
         scores = _validation.float_tensor(scores, name)
-        self.scores = scores
         self.input_dtype = scores.dtype
         self.dtype = _validation.compute_dtype(scores.dtype)
         self.axis = _validation.normalize_axis(axis, scores.shape.rank)
+        scores = _validation.check_axis_length(scores, self.axis, name)
+        self.scores = scores
         mask = _validation.check_mask(mask, scores)
         x = tf.cast(scores, self.dtype)
         self.layout = Rows(x, self.axis)
         self.n = self.layout.n
-        x_rows = self.layout.rows
         valid = None if mask is None else self.layout.flatten(mask)
-        _validation.assert_finite_scores(x_rows, valid, name)
+        x_rows = _validation.assert_finite_scores(self.layout.rows, valid, name)
         self.valid = tf.ones_like(x_rows, tf.bool) if valid is None else valid
         self.masked = mask is not None
         valid_float = tf.cast(self.valid, self.dtype)
         self.count = tf.reduce_sum(valid_float, axis=-1, keepdims=True)
         self.weights = valid_float / tf.maximum(self.count, 1)
         self.z = _squash(x_rows, self.valid)
+        # Rows whose result may be returned: finite valid scores, and (below) matching shapes,
+        # a usable epsilon and a converged solver. Others raise, or are NaN under XLA.
+        self.ok = tf.reduce_all(tf.math.is_finite(x_rows) | ~self.valid, axis=-1)
 
     def values(self, values, name: str = "values", own_precision: bool = False) -> tf.Tensor:
         """Validates a float tensor of the scores' shape and returns it as rows.
@@ -102,9 +106,39 @@ class Prepared:
         compute dtype (float64 values ordered by float32 scores stay float64).
         """
         values = _validation.float_tensor(values, name)
-        _validation.check_same_shape(values, self.scores, name)
+        values, shapes_ok = _validation.check_same_shape(values, self.scores, name)
+        self.ok = self.ok & shapes_ok
         dtype = _validation.compute_dtype(values.dtype) if own_precision else self.dtype
         return self.layout.flatten(tf.cast(values, dtype))
+
+    def solve(self, masses, epsilon, solver: str, op: str) -> transport.TransportResult:
+        """The transport of the rows onto targets with `masses` (`[m]` or `[rows, m]`).
+
+        Raises eagerly (a graph assertion inside `tf.function`) unless every row converged;
+        under XLA, where nothing can raise, the memberships of a row are NaN unless its scores
+        were finite, its shapes matched, epsilon was usable and its solver converged.
+        """
+        eps = _validation.check_epsilon(epsilon, self.dtype)
+        solver = _validation.check_solver(solver)
+        masses = tf.convert_to_tensor(masses)
+        if masses.shape[-1] == 1:  # a single target (sorting one entry): nothing to solve
+            rows = tf.shape(self.z)[0]
+            result = transport.TransportResult(
+                tf.ones_like(self.z)[:, :, None],
+                tf.zeros([rows, 0], self.dtype),
+                tf.zeros([rows], tf.int32),
+                tf.zeros([rows], self.dtype),
+                tf.ones([rows], tf.bool),
+            )
+        else:
+            result = transport.solve_transport(self.z, self.weights, masses, eps, solver=solver)
+        converged = _guards.check_converged(result, eps, op)
+        self.ok = self.ok & converged & _validation.epsilon_ok(eps, self.dtype)
+        return result._replace(memberships=self.poison(result.memberships))
+
+    def poison(self, rows: tf.Tensor) -> tf.Tensor:
+        """`[rows, ...]` with NaN in the rows whose result may not be returned."""
+        return _guards.poison_rows(rows, self.ok)
 
     def output(self, y: tf.Tensor) -> tf.Tensor:
         return tf.cast(y, self.input_dtype)

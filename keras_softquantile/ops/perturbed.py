@@ -147,6 +147,9 @@ def perturbed_quantile_split(
         direction = tf.reduce_sum(noise * z, axis=-1) / sigma  # [S, rows]
         low_weights = tf.reduce_mean(low_hard, 0) + _score_function_term(low_hard, direction)
         high_weights = tf.reduce_mean(high_hard, 0) + _score_function_term(high_hard, direction)
+        # Rows with non-finite scores (or mismatched shapes) are NaN under XLA, where the
+        # checks in `Prepared` cannot raise.
+        low_weights, high_weights = prepared.poison(low_weights), prepared.poison(high_weights)
         if output == "sorted":
             low, high = _sorted(prepared, value_rows, order, direction, quantile)
         elif output == "mean":
@@ -197,6 +200,6 @@ def _sorted(prepared: Prepared, values, order, direction, quantile: float):
     low = tf.reduce_mean(low, 0) + _score_function_term(low, direction)
     high = tf.reduce_mean(high, 0) + _score_function_term(high, direction)
     return (
-        prepared.layout.restore_reduced(low, k),
-        prepared.layout.restore_reduced(high, k),
+        prepared.layout.restore_reduced(prepared.poison(low), k),
+        prepared.layout.restore_reduced(prepared.poison(high), k),
     )

@@ -31,13 +31,6 @@ def _diagnostics(prepared: Prepared, result: transport.TransportResult):
     )
 
 
-def _solve(prepared: Prepared, masses, epsilon, solver: str) -> transport.TransportResult:
-    eps = _validation.check_epsilon(epsilon, prepared.dtype)
-    return transport.solve_transport(
-        prepared.z, prepared.weights, masses, eps, solver=_validation.check_solver(solver)
-    )
-
-
 def soft_quantile_masks(
     scores: tf.Tensor,
     quantiles=(0.25, 0.75),
@@ -93,7 +86,7 @@ def soft_quantile_masks(
         prepared = Prepared(scores, axis, mask)
         edges = (0.0, *levels, 1.0)
         masses = tf.constant([hi - lo for lo, hi in itertools.pairwise(edges)], tf.float64)
-        result = _solve(prepared, masses, epsilon, solver)
+        result = prepared.solve(masses, epsilon, solver, "soft_quantile_masks")
         masks = prepared.output(
             prepared.layout.restore_with_trailing(result.memberships, len(edges) - 1)
         )
@@ -158,10 +151,10 @@ def soft_topk_mask(
         degenerate = (fraction <= 0) | (fraction >= 1)
         safe = tf.where(degenerate, 0.5 * tf.ones_like(fraction), fraction)
         masses = tf.concat([1 - safe, safe], axis=-1)
-        result = _solve(prepared, masses, epsilon, solver)
+        result = prepared.solve(masses, epsilon, solver, "soft_topk_mask")
         selected = result.memberships[:, :, 1]
         hard = tf.cast(prepared.valid, dtype) * tf.cast(fraction >= 1, dtype)
-        selected = tf.where(degenerate, hard, selected)
+        selected = prepared.poison(tf.where(degenerate, hard, selected))
         output = prepared.output(prepared.layout.restore(selected))
         if return_diagnostics:
             return output, _diagnostics(prepared, result)
@@ -227,7 +220,7 @@ def soft_quantile_split(
                 masses = tf.constant([quantile, 1 - 2 * quantile, quantile], tf.float64)
             else:
                 masses = tf.constant([0.5, 0.5], tf.float64)
-            result = _solve(prepared, masses, epsilon, solver)
+            result = prepared.solve(masses, epsilon, solver, "soft_quantile_split")
             low = result.memberships[:, :, 0]
             high = result.memberships[:, :, -1]
             if output == "weights":
@@ -263,10 +256,10 @@ def _split_sorted(prepared: Prepared, values: tf.Tensor, quantile: float, epsilo
         empty = tf.zeros(tf.concat([tf.shape(values)[:1], [0]], 0), prepared.dtype)
         low = prepared.layout.restore_reduced(empty, 0)
         masses = tf.constant([0.5, 0.5], tf.float64)
-        return low, low, _solve(prepared, masses, epsilon, solver)
+        return low, low, prepared.solve(masses, epsilon, solver, "soft_quantile_split")
     middle = n - 2 * k
     masses = [1.0 / n] * k + ([middle / n] if middle > 0 else []) + [1.0 / n] * k
-    result = _solve(prepared, tf.constant(masses, tf.float64), epsilon, solver)
+    result = prepared.solve(tf.constant(masses, tf.float64), epsilon, solver, "soft_quantile_split")
     # Barycentric projection: target j's value is sum_i P_ij v_i / b_j = sum_i pi_ij v_i here.
     gathered = tf.einsum("rnj,rn->rj", result.memberships, values)
     low = prepared.layout.restore_reduced(gathered[:, :k], k)

@@ -6,7 +6,7 @@ import math
 
 import tensorflow as tf
 
-from keras_softquantile.ops import _validation, transport
+from keras_softquantile.ops import _validation
 from keras_softquantile.ops._layout import Prepared
 
 __all__ = ["soft_quantile", "soft_rank", "soft_sort", "soft_sort_with"]
@@ -14,27 +14,9 @@ __all__ = ["soft_quantile", "soft_rank", "soft_sort", "soft_sort_with"]
 DEFAULT_EPSILON = 1e-2
 
 
-def _transport(prepared: Prepared, masses: list[float], epsilon, solver: str):
-    eps = _validation.check_epsilon(epsilon, prepared.dtype)
-    solver = _validation.check_solver(solver)
-    if len(masses) == 1:  # a single entry: it is its own sort
-        ones = tf.ones_like(prepared.z)[:, :, None]
-        rows = tf.shape(prepared.z)[0]
-        return transport.TransportResult(
-            ones,
-            tf.zeros([rows, 0], prepared.dtype),
-            tf.zeros([rows], tf.int32),
-            tf.zeros([rows], prepared.dtype),
-            tf.ones([rows], tf.bool),
-        )
-    return transport.solve_transport(
-        prepared.z, prepared.weights, tf.constant(masses, tf.float64), eps, solver=solver
-    )
-
-
 def _sorted_rows(values: tf.Tensor, prepared: Prepared, epsilon, solver, op: str):
     n = _validation.static_length(prepared.layout.rows, -1, op, minimum=1)
-    result = _transport(prepared, [1.0 / n] * n, epsilon, solver)
+    result = prepared.solve(tf.constant([1.0 / n] * n, tf.float64), epsilon, solver, op)
     # Target j's barycentre: sum_i P_ij v_i / b_j = sum_i pi_ij v_i since a_i = b_j = 1/n.
     memberships = tf.cast(result.memberships, values.dtype)
     return tf.einsum("rnj,rn->rj", memberships, values), result
@@ -155,7 +137,8 @@ def soft_rank(
     with tf.name_scope(name or "soft_rank"):
         prepared = Prepared(x, axis, None, name="x")
         n = _validation.static_length(prepared.layout.rows, -1, "soft_rank", minimum=1)
-        result = _transport(prepared, [1.0 / n] * n, epsilon, solver)
+        masses = tf.constant([1.0 / n] * n, tf.float64)
+        result = prepared.solve(masses, epsilon, solver, "soft_rank")
         positions = tf.range(n, dtype=prepared.dtype)
         ranks = tf.einsum("rnj,j->rn", result.memberships, positions)
         if descending:
@@ -230,7 +213,7 @@ def soft_quantile(
         prepared = Prepared(x, axis, None, name="x")
         n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile", minimum=1)
         masses, combos = _order_statistic_buckets(n, levels)
-        result = _transport(prepared, masses, epsilon, solver)
+        result = prepared.solve(tf.constant(masses, tf.float64), epsilon, solver, "soft_quantile")
         # A one-entry bucket's barycentre is sum_i pi_ij x_i (its mass is 1/n = a_i).
         barycentres = tf.einsum("rnj,rn->rj", result.memberships, prepared.layout.rows)
         columns = [

@@ -1,10 +1,75 @@
-"""Squashing scores into (0, 1) so that `epsilon` does not depend on their scale."""
+"""Squashing scores to quantile-level units, so that `epsilon` does not depend on their scale."""
 
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 
 __all__ = ["squash_scores"]
+
+# Location and scale come from at most this many entries per row (a strided subsample, sorted).
+# Rows up to this length use every entry, so their squashing is exactly permutation invariant.
+# Measured on 2 cores, float32, 256 x 1000 rows: sorting 64 entries per row costs 1.0 ms (graph)
+# and 1.4 ms (XLA), 128 entries 1.7 / 2.9 ms, against 8.3 ms for `tf.sort` of the whole rows.
+ROBUST_SAMPLE_SIZE = 64
+
+# Beyond this many robust standard deviations the normal CDF would round to 0 or 1 (float32:
+# from about 5.4), tying every far score. The map continues logarithmically instead.
+_TAIL_START = 2.0
+# For normal scores, the median absolute deviation from the median is 0.674 standard deviations
+# and the mean absolute deviation 0.798.
+_MEDIAN_ABS_PER_SIGMA = 0.6744897501960817
+_MEAN_ABS_PER_SIGMA = math.sqrt(2 / math.pi)
+
+
+def _median(ordered: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """The median of rows sorted ascending whose first `count` entries are valid (zero for an
+    empty row). The middle order statistics are picked by a sort, so gradients reach the one
+    or two entries the median interpolates."""
+    last = tf.maximum(count - 1, 0)
+    position = 0.5 * last
+    lower = tf.cast(tf.floor(position), tf.int32)
+    upper = tf.cast(tf.math.ceil(position), tf.int32)
+    # Halves: the mean of two near-overflow order statistics of opposite sign stays finite.
+    value = 0.5 * tf.gather(ordered, lower, batch_dims=1) + 0.5 * tf.gather(
+        ordered, upper, batch_dims=1
+    )
+    return tf.where(count > 0, value, tf.zeros_like(value))
+
+
+def _robust_location_scale(x: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The median of each row and half its median absolute deviation from it, over (a strided
+    subsample of) the valid entries, as `[rows, 1]` tensors.
+
+    The deviation is formed in halves (`x / 2 - median / 2`), so it cannot overflow.
+    """
+    n = tf.shape(x)[-1]
+    stride = tf.maximum(1, (n + ROBUST_SAMPLE_SIZE - 1) // ROBUST_SAMPLE_SIZE)
+    sample = x[:, ::stride]
+    sample_valid = valid[:, ::stride]
+    count = tf.reduce_sum(tf.cast(sample_valid, x.dtype), axis=-1, keepdims=True)
+    largest = tf.fill(tf.shape(sample), x.dtype.max)  # invalid entries sort last
+    median = _median(tf.sort(tf.where(sample_valid, sample, largest)), count)
+    half_deviation = tf.abs(0.5 * sample - 0.5 * median)
+    half_mad = _median(tf.sort(tf.where(sample_valid, half_deviation, largest)), count)
+    return median, half_mad
+
+
+def _normal_with_log_tails(u: tf.Tensor) -> tf.Tensor:
+    """`Phi(u)` for `|u| <= c`, continued as `Phi(c) + phi(c) log(1 + |u| - c)` beyond (odd
+    about 0.5, continuously differentiable). Unbounded but slowly growing, so distinct far
+    scores stay distinct (1e9 and 2e9 in a bulk of unit spread differ by 0.037) and nothing
+    overflows."""
+    c = _TAIL_START
+    magnitude = tf.abs(u)
+    inside = magnitude <= c
+    bulk = 0.5 * tf.math.erfc(-tf.where(inside, u, tf.zeros_like(u)) * (0.5**0.5))
+    density = math.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)
+    cdf_at_c = 0.5 * math.erfc(-c / math.sqrt(2))
+    excess = tf.maximum(magnitude - c, tf.zeros_like(magnitude))
+    tail = (cdf_at_c - 0.5) + density * tf.math.log1p(excess)
+    return tf.where(inside, bulk, 0.5 + tf.sign(u) * tail)
 
 
 def squash_scores(
@@ -13,19 +78,33 @@ def squash_scores(
     mask: tf.Tensor | None = None,
     name: str | None = None,
 ) -> tf.Tensor:
-    """Maps scores to `z = Phi((x - mean) / std)` along the last axis.
+    """Maps scores along the last axis to `z`, close to their quantile level in the bulk.
 
-    `mean` and `std` are taken over the valid entries of each row and `Phi` is the standard
-    normal CDF, so for roughly Gaussian scores `z` is roughly uniform on (0, 1) and is close to
-    the empirical quantile level of each score. `z` is invariant to a shift and to a positive
-    rescaling of a row, which makes every `epsilon` in this package scale-free: it is the width,
-    in quantile-level units, over which an entry's membership moves from one bucket to the next.
+    `z = h((x - median) / sigma)`, where the median and `sigma = MAD / 0.674` (the median
+    absolute deviation from the median; the mean absolute deviation / 0.798 where more than
+    half the entries tie at the median) are taken over the valid entries of each row (over a
+    strided subsample of 64 of them in longer rows), and `h` is the standard normal CDF
+    `Phi` within two robust standard deviations, continued logarithmically beyond. So for
+    roughly Gaussian scores `z` is roughly uniform on (0, 1), close to the quantile level of
+    each score, and every `epsilon` in this package is scale-free: the width, in
+    quantile-level units, over which an entry's membership moves from one bucket to the next.
 
-    The computation is guarded for extreme inputs: rows are first shifted by their maximum and
-    divided by their range (both exactly invariant, hence held constant for the gradient), so
-    scores of +-1e30 neither overflow nor lose their order; a row whose valid entries are all
-    equal maps to 0.5 everywhere, with zero (not NaN) gradient. Invalid entries (`mask` False)
-    map to 0.5, never influence the valid ones, and receive zero gradient even if they hold NaN.
+    The map follows the order of the scores, not their spread:
+      * the median and the MAD ignore up to half the entries as outliers:
+        `[-1e30, 1, 2, 3, 1e30]` maps the bulk to (0.25, 0.5, 0.75) as if the outliers were
+        merely large;
+      * `h` is strictly increasing and never saturates: `z` leaves [0, 1] in the far tails
+        (growing like the log of the distance), so distinct far scores keep distinct `z` and
+        their hard order (cubed Cauchy scores are as sharply separated as Gaussian ones);
+      * nothing overflows near the dtype's range (`(x - median)` is formed as
+        `x / 2 - median / 2`), and a row whose valid entries are all equal maps to 0.5, with
+        zero gradient.
+    `z` is invariant to a shift and a positive rescaling of a row and maps to `1 - z` under
+    negation. It is invariant to a permutation of the entries for rows of up to 64 entries;
+    in longer rows the subsample, hence `z`, depends slightly on the order (never the bucket
+    masses or the limit as epsilon shrinks). Invalid entries (`mask` False) map to 0.5, never
+    influence the valid ones, and receive zero gradient even if they hold NaN. Gradients are
+    exact, including through the median and the MAD (piecewise smooth in the scores).
 
     Args:
         scores: float tensor `[..., n]`.
@@ -33,29 +112,34 @@ def squash_scores(
         name: optional name scope.
 
     Returns:
-        A tensor like `scores` with values in [0, 1].
+        A tensor like `scores`: 0.5 at the median, about 0.25 and 0.75 at the quartiles.
     """
     with tf.name_scope(name or "squash_scores"):
         x = tf.convert_to_tensor(scores)
         valid = tf.ones_like(x, dtype=tf.bool) if mask is None else mask
+        shape = tf.shape(x)
         x = tf.where(valid, x, tf.zeros_like(x))
-        lowest = tf.constant(x.dtype.min, x.dtype)
-        highest = tf.constant(x.dtype.max, x.dtype)
-        top = tf.reduce_max(tf.where(valid, x, lowest), axis=-1, keepdims=True)
-        bottom = tf.reduce_min(tf.where(valid, x, highest), axis=-1, keepdims=True)
-        # Shift and scale are exact invariances of z, so they are constants for autodiff.
-        top = tf.stop_gradient(tf.where(top > lowest, top, tf.zeros_like(top)))
-        spread = tf.stop_gradient(top - bottom)
-        spread = tf.where(spread > 0, spread, tf.ones_like(spread))
-        # (x - top) / spread in two steps so +-1e30 scores do not overflow their difference.
-        d = x / spread - top / spread
-        d = tf.where(valid, d, tf.zeros_like(d))
-        count = tf.reduce_sum(tf.cast(valid, x.dtype), axis=-1, keepdims=True)
-        count = tf.maximum(count, 1)
-        mean = tf.reduce_sum(d, axis=-1, keepdims=True) / count
-        deviation = tf.where(valid, d - mean, tf.zeros_like(d))
-        variance = tf.reduce_sum(tf.square(deviation), axis=-1, keepdims=True) / count
-        spread_out = variance > 0
-        std = tf.sqrt(tf.where(spread_out, variance, tf.ones_like(variance)))
-        u = tf.where(spread_out & valid, deviation / std, tf.zeros_like(deviation))
-        return 0.5 * tf.math.erfc(-u * tf.constant(0.5**0.5, x.dtype))
+        rows = tf.reshape(x, [-1, shape[-1]])
+        row_valid = tf.reshape(valid, [-1, shape[-1]])
+        median, half_mad = _robust_location_scale(rows, row_valid)
+        # Halves throughout: x / 2 - median / 2 cannot overflow, whatever the signs.
+        half_deviation = tf.where(row_valid, 0.5 * rows - 0.5 * median, tf.zeros_like(rows))
+        count = tf.maximum(tf.reduce_sum(tf.cast(row_valid, x.dtype), -1, keepdims=True), 1)
+        half_mean_abs = tf.reduce_sum(tf.abs(half_deviation), axis=-1, keepdims=True) / count
+        # More than half the entries tied at the median: the mean absolute deviation instead.
+        half_sigma = tf.where(
+            half_mad > 0,
+            half_mad / _MEDIAN_ABS_PER_SIGMA,
+            half_mean_abs / _MEAN_ABS_PER_SIGMA,
+        )
+        spread_out = half_sigma > 0
+        half_sigma = tf.where(spread_out, half_sigma, tf.ones_like(half_sigma))
+        # A bulk of spread 1e-30 beside a score of 1e30 would overflow u: such entries get
+        # the largest finite u of their sign (and zero gradient), which keeps their order
+        # against the bulk. The quotient is only formed where it is finite.
+        overflows = tf.abs(half_deviation) / x.dtype.max > half_sigma
+        use = spread_out & row_valid & ~overflows
+        u = tf.where(use, half_deviation, tf.zeros_like(rows)) / half_sigma
+        u = tf.where(overflows & row_valid, tf.sign(half_deviation) * x.dtype.max, u)
+        z = _normal_with_log_tails(u)
+        return tf.reshape(z, shape)
