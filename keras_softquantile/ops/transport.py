@@ -19,11 +19,15 @@ probability that item `i` lies above boundary `j`, and `c_j = sum_{k > j} b_k`.
 positive semi-definite `(m - 1) x (m - 1)` matrix (there is no gauge freedom left to fix).
 
 Solvers.
-  * `solve_newton`: safeguarded Newton on `t`, O(n m^2) per step. Warm start by a 12-round
-    counting bisection of each boundary (m <= 3 on rows longer than 256: no sort) or at the
-    quantiles of a strided subsample of the scores, Newton direction `epsilon K^-1 r` (with a
-    tiny ridge and a trust cap), backtracking on the residual norm, per-row stopping. The fast
-    path for few targets (top-k masks: m = 2, quartile masks: m = 3).
+  * `solve_newton`: safeguarded Newton on `t`, O(n m^2) per step. Warm start at the
+    epsilon -> 0 limit solution: each boundary placed against the group of tied entries it
+    splits, found by counting bisection (m <= 3 on rows longer than 256: no sort) or on the
+    sorted rows (`_limit_boundaries`), which is exact up to the tails of the neighbouring
+    entries, fractional bucket sizes included. Boundaries are held as that start plus an
+    offset, so they resolve below the float spacing around them (`_scaled_offsets`). Newton
+    direction `epsilon K^-1 r` (with a tiny ridge and a trust cap), backtracking on the
+    residual norm, per-row stopping. The fast path for few targets (top-k masks: m = 2,
+    quartile masks: m = 3).
   * `solve_sinkhorn`: log-domain Sinkhorn on the column potentials, O(n m) per iteration, warm
     started at the exact quantile boundaries and polished by a few Newton steps. For many
     targets (sorting, ranks, ordered gathers).
@@ -33,7 +37,8 @@ memberships are returned at its solution `t*`. A `tf.custom_gradient` backward g
 implicit-function-theorem derivative of `t*` with respect to `z` and `epsilon`
 (`dt*/dz = epsilon K^-1 dr/dz`, with `r` the cumulative marginal residual), recomputing the
 memberships once instead of storing the forward pass. Backpropagation therefore touches two
-passes over the data, whatever the number of iterations.
+passes over the data, whatever the number of iterations. It is exact for first derivatives
+only: differentiating the gradient again raises (`_first_order_only`).
 
 References:
   Cuturi, Teboul, Vert. Differentiable Ranks and Sorting using Optimal Transport. NeurIPS 2019.
@@ -811,7 +816,7 @@ def solve_newton(
         epsilon: positive scalar, the transition width in squashed units.
         max_iterations: cap on Newton steps (each step is one pass over the data).
         tolerance: stop when every cumulative marginal is within this fraction of the total
-            mass; defaults to 1e-11 in float64 and 1e-5 otherwise.
+            mass; defaults to `default_tolerance(dtype)`: 2.5e-13 in float64, 1e-6 otherwise.
         warm_start: optional `[rows, m - 1]` initial boundaries.
         sample_size: entries per row sorted for the warm start (a strided subsample, which
             starts Newton from interpolated quantiles instead of the limit solution); None
@@ -852,7 +857,7 @@ def solve_sinkhorn(
     """Solves the transport by log-domain Sinkhorn, then polishes with Newton steps.
 
     Each iteration costs O(n m) (one log-sum-exp over targets, one over items). Sinkhorn is
-    warm-started at the exact quantile boundaries (one sort per row), iterated until the
+    warm-started at the limit boundaries (one sort per row), iterated until the
     column marginals are within `max(tolerance, 1e-2 * sqrt(tolerance))`, and finished with up
     to `newton_steps` safeguarded Newton steps, which reach `tolerance` quadratically.
 
