@@ -14,7 +14,7 @@ class LinearScorer(keras.layers.Layer):
     """Linear scores `C = B @ theta` of features `B` `[..., n, M]`, with `theta` of shape `[M]`.
 
     >>> scorer = keras_softquantile.models.LinearScorer(num_features=3)
-    >>> scorer(np.ones((2, 5, 3), "float32")).shape
+    >>> tuple(scorer(np.ones((2, 5, 3), "float32")).shape)
     (2, 5)
 
     Args:

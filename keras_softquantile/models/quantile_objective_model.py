@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import random
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_softquantile import objectives, ops
@@ -50,8 +54,32 @@ class QuantileObjectiveModel(keras.Model):
     values in ascending score order ("sorted").
 
     Data: `fit(x=(A, B))` or a `tf.data.Dataset` of `(A, B)` pairs, `A` `[batch, n]` and `B`
-    `[batch, n, M]`. Instances of different lengths are padded to a common n with NaN in `A`
-    (the entries of `B` there are ignored); padding needs `output` "weights" or "mean".
+    `[batch, n, M]`, cast to float32 (float64 for a model with `dtype="float64"`).
+
+    * NaN in `A` marks padding: instances of different lengths are padded to a common n with
+      NaN in `A`, and the entries of `B` there are ignored (they may be NaN too). Padding
+      needs `output` "weights" or "mean". Only NaN is padding: an infinite `A` is an error.
+    * `B` must be finite wherever `A` is not NaN.
+    * `|A|` must be at most the fourth root of the dtype's largest value, `2**32` (about
+      4.3e9) in float32 and about 1.2e77 in float64: the gradient that reaches the optimizer
+      grows with `|A|` (times the feature scale, n and `1 / epsilon`), and optimizers such as
+      Adam square it, so larger values would end in a NaN `theta`. Rescale `A` (the built-in
+      objectives are proportional to `A`, so Adam then learns the same `theta`) or use float64.
+    * Each instance needs at least the fewest valid entries that put one entry in each
+      bucket (`floor(quantile * n) >= 1`: 4 at quantile 0.25).
+
+    `predict` and `selection(..., soft=False)` use `A` only as the padding mask: they apply
+    the first two rules, and accept larger `|A|`, shorter instances (with empty hard masks)
+    and padding with `output="sorted"`.
+
+    `fit`, `evaluate` and `predict` check every batch (one pass over `A` and `B`) before the
+    step runs, outside the step's XLA function, so the rules hold with `jit_compile` True or
+    False, for arrays and datasets alike: a bad batch raises, before any update, a
+    `ValueError` (with `run_eagerly=True`) or an `InvalidArgumentError` (from the graph) whose
+    message names `A` or `B`, the rule and the first bad entry, indexed within the batch
+    (`Received: B[1, 3, 0]=nan`). Instances too short for a static n raise a `ValueError` when
+    the step is traced. `selection` checks its arguments in the same way; inside your own
+    XLA-compiled function that check cannot raise, so call it outside.
 
     Metrics (each epoch's mean, under these names in the logs and in TensorBoard): `loss`
     (the soft objective plus any regularization losses), `hard_objective` (`f` on the hard
@@ -61,7 +89,10 @@ class QuantileObjectiveModel(keras.Model):
 
     `epsilon` lives in a non-trainable weight, `epsilon_variable`: `set_epsilon` (or the
     `keras_softquantile.callbacks.EpsilonAnnealing` callback) changes it during `fit`
-    without retracing.
+    without retracing. The perturbed estimator's random state `[seed, step]` is also a
+    non-trainable weight, `perturbation_seed`, so `save`, `save_weights` and
+    `keras.callbacks.BackupAndRestore` keep it: a resumed `fit` draws the same noise, and
+    ends at the same `theta`, as an uninterrupted one.
 
     >>> A = np.random.normal(size=(16, 40)).astype("float32")
     >>> B = np.random.normal(size=(16, 40, 3)).astype("float32")
@@ -87,7 +118,8 @@ class QuantileObjectiveModel(keras.Model):
         sigma: noise standard deviation of the perturbed estimator, on the squashed scores
             (quantile-level units, like `epsilon`).
         solver: "auto", "newton" or "sinkhorn" for the OT estimator.
-        seed: int seed of the perturbed estimator's noise, or None.
+        seed: int seed of the perturbed estimator's noise, or None (a seed drawn from
+            Python's `random`, which `keras.utils.set_random_seed` seeds).
         **kwargs: base model arguments (`name`, `dtype`, ...).
 
     References:
@@ -166,11 +198,23 @@ class QuantileObjectiveModel(keras.Model):
             trainable=False,
             autocast=False,
         )
-        self.seed_generator = (
-            keras.random.SeedGenerator(seed, name="perturbation_seed")
-            if gradient_estimator == "perturbed"
-            else None
-        )
+        # The perturbed estimator's random state `[seed, counter]` is a weight of the model
+        # (created after `epsilon_variable`, so it is the last of the model's own variables):
+        # it is saved by `save`, `save_weights` and `BackupAndRestore`, so a resumed `fit`
+        # draws the same noise as an uninterrupted one. (A `keras.random.SeedGenerator`
+        # state is not saved.)
+        self.perturbation_seed = None
+        if gradient_estimator == "perturbed":
+            initial = random.randint(1, int(1e9)) if seed is None else int(seed)
+            self.perturbation_seed = self.add_weight(
+                name="perturbation_seed",
+                shape=(2,),
+                dtype="int64",
+                initializer=lambda shape, dtype: tf.constant([initial, 0], dtype),
+                trainable=False,
+                autocast=False,
+            )
+        self._predict_wrapping = False
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.hard_objective_tracker = keras.metrics.Mean(name="hard_objective")
         self.agreement_tracker = keras.metrics.Mean(name="selection_agreement")
@@ -252,26 +296,46 @@ class QuantileObjectiveModel(keras.Model):
 
     # ----------------------------------------------------------------- data
 
+    def _pair(self, data):
+        """`(A, B)` from a batch as the step receives it, `(None, B)` for features alone.
+
+        Accepts `((A, B),)`, `(A, B)`, `({"values": A, "features": B},)` and, for `predict`,
+        `(B,)`; returns None for anything else.
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            return None
+        if y is None and isinstance(x, dict) and set(x) == {"values", "features"}:
+            return x["values"], x["features"]
+        if y is None and isinstance(x, tuple | list) and len(x) == 2:
+            return tuple(x)
+        if not isinstance(x, tuple | list | dict):
+            return (x, y) if y is not None else (None, x)
+        return None
+
     def _unpack(self, data):
         """`(A, B)` from what `fit`/`evaluate` pass: `((A, B),)`, `(A, B)` or `{values, ...}`."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if isinstance(x, dict) and y is None and set(x) == {"values", "features"}:
-            values, features = x["values"], x["features"]
-        elif isinstance(x, tuple | list) and len(x) == 2 and y is None:
-            values, features = x
-        elif y is not None and sample_weight is None and not isinstance(x, tuple | list | dict):
-            values, features = x, y
-        else:
+        pair = self._pair(data)
+        if pair is None or pair[0] is None:
             raise ValueError(
                 "`QuantileObjectiveModel` expects data `(A, B)`: `fit(x=(A, B))` or a dataset "
                 "of `(A, B)` pairs, A [batch, n] and B [batch, n, M]; it takes no targets or "
                 f"sample weights. Received: data={data!r}"
             )
-        return self._check_data(values, features)
+        return self._check_data(*pair)
+
+    def _work_dtype(self) -> tf.DType:
+        """The dtype of A, B and the selection: float64 for a float64 model, else float32."""
+        return tf.float64 if self.compute_dtype == "float64" else tf.float32
 
     def _check_data(self, values, features):
-        values = tf.convert_to_tensor(values)
+        """Static checks of `(A, B)` (`A` None: features alone), cast to the work dtype."""
         features = tf.convert_to_tensor(features)
+        values = (
+            tf.zeros(tf.shape(features)[:2], features.dtype)
+            if values is None
+            else tf.convert_to_tensor(values)
+        )
         for tensor, name in ((values, "A"), (features, "B")):
             if not tensor.dtype.is_floating:
                 raise TypeError(
@@ -289,39 +353,223 @@ class QuantileObjectiveModel(keras.Model):
                 "A [batch, n] and B [batch, n, M] must agree on batch and n. "
                 f"Received: A.shape={values.shape}, B.shape={features.shape}"
             )
-        return values, features
+        dtype = self._work_dtype()
+        return tf.cast(values, dtype), tf.cast(features, dtype)
+
+    def _min_length(self) -> int:
+        """The fewest valid entries of an instance whose buckets hold >= 1 entry each."""
+        length = max(1, math.ceil(1 / self.quantile) - 1)
+        while math.floor(self.quantile * length + 1e-9) < 1:
+            length += 1
+        return length
+
+    def _max_abs_value(self) -> float:
+        """The largest |A| accepted: the fourth root of the work dtype's largest value."""
+        return float(np.finfo(self._work_dtype().as_numpy_dtype).max) ** 0.25
+
+    def _check_length(self, values) -> None:
+        """Raises if the static n is too short for the split (trace time, so also under XLA)."""
+        n = values.shape[-1]
+        if n is not None and n < self._min_length():
+            raise ValueError(
+                f"At quantile={self.quantile} each instance needs at least "
+                f"{self._min_length()} valid entries, so that each bucket holds "
+                f"floor(quantile * n) >= 1 of them. Received: A.shape={values.shape}"
+            )
+
+    def _check_values(self, values, features, objective: bool = True):
+        """Checks the values of a batch `(A, B)` (already through `_check_data`).
+
+        Rules: `A` is finite or NaN (padding); `B` is finite wherever `A` is not NaN; for the
+        objective (`objective=True`: `fit`, `evaluate`, soft selections) also `|A| <=
+        _max_abs_value()`, at least `_min_length()` valid entries per instance and, with
+        `output="sorted"`, no padding. Eagerly a failure raises `ValueError`; in a graph this
+        returns an assertion op, which raises `InvalidArgumentError` with the same message.
+        Under XLA an assertion cannot raise: call this outside the compiled function (as
+        `_autoconvert_optionals` does for `fit`, `evaluate` and `predict`).
+        """
+        if objective:
+            self._check_length(values)
+        padding = tf.math.is_nan(values)
+        valid = tf.logical_not(padding)
+        limit = self._max_abs_value() if objective else math.inf
+        bad_values = tf.math.is_inf(values) | (tf.abs(values) > limit)  # NaN: neither
+        if objective and self.output_mode == "sorted":
+            bad_values = bad_values | padding
+        bad_features = tf.logical_not(tf.math.is_finite(features)) & valid[..., None]
+        bad_entries = bad_values | tf.reduce_any(bad_features, axis=-1)
+        length = tf.reduce_sum(tf.cast(valid, tf.int32), axis=-1)
+        short = length < (self._min_length() if objective else 0)
+        ok = tf.logical_not(tf.reduce_any(bad_entries) | tf.reduce_any(short))
+
+        def describe():
+            return self._describe_bad_data(
+                values, features, padding, bad_features, short, length, limit, objective
+            )
+
+        if tf.executing_eagerly():
+            if not bool(ok):
+                raise ValueError(describe().numpy().decode())
+            return None
+        message = tf.cond(ok, lambda: tf.constant(""), describe)
+        return tf.debugging.Assert(ok, [message], name="check_data")
+
+    def _describe_bad_data(
+        self, values, features, padding, bad_features, short, length, limit, objective
+    ) -> tf.Tensor:
+        """The error message (a string tensor) for the first broken rule of `_check_values`."""
+
+        def received(mask, tensor, name):
+            index = tf.where(mask)[0]
+            count = tf.strings.as_string(tf.math.count_nonzero(mask))
+            position = tf.strings.reduce_join(tf.strings.as_string(index), separator=", ")
+            value = tf.gather_nd(tensor, index[None])[0]
+            return count, tf.strings.join(
+                [f"Received: {name}[", position, "]=", tf.strings.as_string(value, shortest=True)]
+            )
+
+        def infinite_values():
+            count, where = received(tf.math.is_inf(values), values, "A")
+            return tf.strings.join(
+                [
+                    "`A` must be finite or NaN: NaN marks padding, an infinite value is an "
+                    "error. Infinite entries: ",
+                    count,
+                    ". ",
+                    where,
+                ]
+            )
+
+        def large_values():
+            count, where = received(tf.abs(values) > limit, values, "A")
+            return tf.strings.join(
+                [
+                    f"`A` is too large: |A| must be at most {limit:.4g} in "
+                    f"{self._work_dtype().name} (the fourth root of its largest value), "
+                    "because the gradient that reaches the optimizer grows with |A| and "
+                    "optimizers such as Adam square it. Rescale A (the built-in objectives "
+                    "scale with A, so the optimal theta does not change) or use a float64 model. "
+                    "Entries too large: ",
+                    count,
+                    ". ",
+                    where,
+                ]
+            )
+
+        def padded_values():
+            count, where = received(padding, values, "A")
+            return tf.strings.join(
+                [
+                    "The sorted output needs instances of equal length: A must not have NaN "
+                    "padding. NaN entries: ",
+                    count,
+                    ". ",
+                    where,
+                ]
+            )
+
+        def bad_feature_values():
+            count, where = received(bad_features, features, "B")
+            return tf.strings.join(
+                [
+                    "`B` must be finite wherever A is not NaN (B is ignored only at padding). "
+                    "Entries that are NaN or infinite: ",
+                    count,
+                    ". ",
+                    where,
+                ]
+            )
+
+        def short_rows():
+            row = tf.where(short)[0, 0]
+            return tf.strings.join(
+                [
+                    f"At quantile={self.quantile} each instance needs at least "
+                    f"{self._min_length()} valid entries (not NaN in A), so that each bucket "
+                    "holds floor(quantile * n) >= 1 of them. Instances too short: ",
+                    tf.strings.as_string(tf.math.count_nonzero(short)),
+                    ". Received: A[",
+                    tf.strings.as_string(row),
+                    "] with ",
+                    tf.strings.as_string(tf.gather(length, row)),
+                    " valid entries",
+                ]
+            )
+
+        cases = [(tf.reduce_any(tf.math.is_inf(values)), infinite_values)]
+        if objective:
+            cases.append((tf.reduce_any(tf.abs(values) > limit), large_values))
+            if self.output_mode == "sorted":
+                cases.append((tf.reduce_any(padding), padded_values))
+        cases.append((tf.reduce_any(bad_features), bad_feature_values))
+        return tf.case(cases, default=short_rows, exclusive=False)
+
+    def _local_pairs(self, values, features) -> list:
+        """The per-replica `(A, B)` of a batch (distributed values in `fit` under a strategy)."""
+        if not isinstance(features, tf.distribute.DistributedValues):
+            return [(values, features)]
+        local = self.distribute_strategy.experimental_local_results
+        local_features = local(features)
+        local_values = [None] * len(local_features) if values is None else local(values)
+        return list(zip(local_values, local_features, strict=True))
+
+    def _autoconvert_optionals(self, step_func):
+        """Keras's wrapper of the (possibly XLA-compiled) step: we add the data checks.
+
+        Keras's TensorFlow trainer wraps each one-batch step function with this method, outside
+        the `jit_compile` function, for `fit`, `evaluate` and `predict` (and their `*_on_batch`
+        forms). Checking the batch here (one pass over A and B) makes bad data raise even
+        under XLA, where an assertion in the step is dropped.
+        """
+        step = super()._autoconvert_optionals(step_func)
+        objective = not self._predict_wrapping
+
+        @functools.wraps(step)
+        def checked_step(data):
+            pair = self._pair(
+                tf.nest.map_structure(
+                    lambda x: None if isinstance(x, tf.experimental.Optional) else x, data
+                )
+            )
+            checks = []
+            if pair is not None and (pair[0] is not None or not objective):
+                for values, features in self._local_pairs(*pair):
+                    values, features = self._check_data(values, features)
+                    checks.append(self._check_values(values, features, objective=objective))
+            with tf.control_dependencies([c for c in checks if c is not None]):
+                return step(data)
+
+        return checked_step
+
+    def make_predict_function(self, force=False):
+        self._predict_wrapping = True
+        try:
+            return super().make_predict_function(force=force)
+        finally:
+            self._predict_wrapping = False
 
     # ----------------------------------------------------------------- selection
 
-    def _work_dtype(self, values) -> tf.DType:
-        return tf.float64 if values.dtype == tf.float64 else tf.float32
+    def _next_seed(self) -> tf.Tensor:
+        """The perturbed estimator's stateless seed for this step; advances the counter."""
+        seed = tf.identity(self.perturbation_seed.value)
+        self.perturbation_seed.assign(seed + tf.constant([0, 1], seed.dtype))
+        return tf.cast(seed, tf.int32)
 
     def _scores(self, values, features, training):
         """Padding mask, zero-filled A, and float scores of zero-filled B."""
-        dtype = self._work_dtype(values)
-        valid = tf.math.is_finite(values)
+        valid = tf.math.logical_not(tf.math.is_nan(values))
         values = tf.where(valid, values, tf.zeros_like(values))
         features = tf.where(valid[..., None], features, tf.zeros_like(features))
-        scores = tf.cast(self(features, training=training), dtype)
-        return valid, tf.cast(values, dtype), scores
-
-    def _check_unpadded(self, valid) -> list:
-        if self.output_mode != "sorted":
-            return []
-        return [
-            tf.debugging.assert_equal(
-                tf.reduce_all(valid),
-                True,
-                message="output='sorted' needs instances of equal length: A has NaN padding",
-            )
-        ]
+        scores = tf.cast(self(features, training=training), values.dtype)
+        return valid, values, scores
 
     def _soft_selection(self, values, scores, valid):
         """`(low, high)` as the objective receives them, and the soft membership weights."""
         mask = None if self.output_mode == "sorted" else valid
         mode = "sorted" if self.output_mode == "sorted" else "weights"
         if self.gradient_estimator == "perturbed":
-            seed = tf.cast(self.seed_generator.next(), tf.int32)
+            seed = self._next_seed()
             (low, high), (low_w, high_w) = ops.perturbed_quantile_split(
                 values,
                 scores,
@@ -402,10 +650,12 @@ class QuantileObjectiveModel(keras.Model):
 
     def _step(self, data, training: bool):
         values, features = self._unpack(data)
+        self._check_length(values)
+        # The values of A and B were checked before this (possibly XLA-compiled) step, by the
+        # wrapper `_autoconvert_optionals`.
         with tf.GradientTape() as tape:
             valid, values, scores = self._scores(values, features, training)
-            with tf.control_dependencies(self._check_unpadded(valid)):
-                pair, (low_w, high_w) = self._soft_selection(values, scores, valid)
+            pair, (low_w, high_w) = self._soft_selection(values, scores, valid)
             objective = self._evaluate_objective(pair)
             loss = objective
             if self.losses:
@@ -445,17 +695,22 @@ class QuantileObjectiveModel(keras.Model):
 
     def predict_step(self, data):
         """`{"scores", "lower_mask", "upper_mask"}` of a batch `(A, B)` or of features `B`."""
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        if isinstance(x, tuple | list) and len(x) == 2:
-            values, features = self._check_data(*x)
-        else:
-            features = tf.convert_to_tensor(x)
-            self._check_feature_shape(tuple(features.shape))
-            values = tf.zeros(tf.shape(features)[:2], features.dtype)
-        return self.selection(values, features, soft=False)
+        pair = self._pair(data)
+        if pair is None:
+            raise ValueError(
+                "`QuantileObjectiveModel.predict` expects `(A, B)` pairs or features B "
+                f"[batch, n, M] alone. Received: data={data!r}"
+            )
+        values, features = self._check_data(*pair)
+        return self._selection(values, features, soft=False)
 
     def selection(self, values, features, soft: bool = True) -> dict:
         """The scores and the hard (and soft) lower/upper selections of a batch of instances.
+
+        `A` and `B` are cast to the model's work dtype (float64 for a float64 model, else
+        float32) and checked as in `fit` (with `soft`) or `predict` (without): a `ValueError`
+        eagerly, an `InvalidArgumentError` in a `tf.function` (not under XLA, where the check
+        cannot raise).
 
         Args:
             values: A `[batch, n]` (NaN marks padding).
@@ -468,19 +723,40 @@ class QuantileObjectiveModel(keras.Model):
             "upper_membership" (float `[batch, n]`).
         """
         values, features = self._check_data(values, features)
+        check = self._check_values(values, features, objective=soft)
+        with tf.control_dependencies([] if check is None else [check]):
+            return self._selection(values, features, soft)
+
+    def _selection(self, values, features, soft: bool) -> dict:
         valid, values, scores = self._scores(values, features, training=False)
         _, (low_mask, high_mask) = self._hard_selection(values, scores, valid)
         result = {
-            "scores": tf.where(valid, scores, tf.fill(tf.shape(scores), math.nan)),
+            "scores": tf.where(valid, scores, tf.constant(math.nan, scores.dtype)),
             "lower_mask": low_mask,
             "upper_mask": high_mask,
         }
         if soft:
-            with tf.control_dependencies(self._check_unpadded(valid)):
-                _, (low_w, high_w) = self._soft_selection(values, scores, valid)
+            _, (low_w, high_w) = self._soft_selection(values, scores, valid)
             result["lower_membership"] = low_w
             result["upper_membership"] = high_w
         return result
+
+    def load_own_variables(self, store) -> None:
+        """Loads `epsilon` and the perturbed estimator's seed state.
+
+        A file saved before the seed state was saved lacks it: the model then keeps its initial
+        seed state, with a warning.
+        """
+        own = len(self._trainable_variables) + len(self._non_trainable_variables)
+        if self.perturbation_seed is not None and len(store.keys()) == own - 1:
+            warnings.warn(
+                "This saved QuantileObjectiveModel has no perturbation seed state (it predates "
+                "it); the perturbed estimator's noise restarts from the initial seed.",
+                stacklevel=2,
+            )
+            store = {str(i): store[str(i)] for i in range(own - 1)}
+            store[str(own - 1)] = self.perturbation_seed.value
+        super().load_own_variables(store)
 
     # ----------------------------------------------------------------- config
 
