@@ -28,32 +28,49 @@ def _median(ordered: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     empty row). The middle order statistics are picked by a sort, so gradients reach the one
     or two entries the median interpolates."""
     last = tf.maximum(count - 1, 0)
-    position = 0.5 * last
-    lower = tf.cast(tf.floor(position), tf.int32)
-    upper = tf.cast(tf.math.ceil(position), tf.int32)
+    lower = tf.gather(ordered, last // 2, batch_dims=1)
+    upper = tf.gather(ordered, (last + 1) // 2, batch_dims=1)
     # Halves: the mean of two near-overflow order statistics of opposite sign stays finite.
-    value = 0.5 * tf.gather(ordered, lower, batch_dims=1) + 0.5 * tf.gather(
-        ordered, upper, batch_dims=1
-    )
-    return tf.where(count > 0, value, tf.zeros_like(value))
+    return tf.where(count > 0, 0.5 * lower + 0.5 * upper, tf.zeros_like(lower))
+
+
+def _half_deviation_statistic(ordered: tf.Tensor, count: tf.Tensor, median, rank) -> tf.Tensor:
+    """The `rank`-th smallest (0-based) of `|x - median| / 2` over the valid sorted entries.
+
+    The `rank + 1` entries closest to the median are consecutive in sorted order, so the
+    statistic is the smallest, over windows of `rank + 1` consecutive entries, of the window's
+    largest deviation, `max(median - first, last - median) / 2`: no second sort.
+    """
+    size = tf.shape(ordered)[-1]
+    start = tf.zeros_like(ordered, tf.int32) + tf.range(size)  # window l to l + rank
+    end = start + rank
+    inside = end < count
+    first = tf.gather(ordered, tf.minimum(start, size - 1), batch_dims=1)
+    last = tf.gather(ordered, tf.minimum(end, size - 1), batch_dims=1)
+    spread = tf.maximum(0.5 * median - 0.5 * first, 0.5 * last - 0.5 * median)
+    largest = tf.constant(ordered.dtype.max, ordered.dtype)
+    smallest = tf.reduce_min(tf.where(inside, spread, largest), axis=-1, keepdims=True)
+    return tf.where(count > 0, smallest, tf.zeros_like(smallest))
 
 
 def _robust_location_scale(x: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """The median of each row and half its median absolute deviation from it, over (a strided
-    subsample of) the valid entries, as `[rows, 1]` tensors.
+    subsample of) the valid entries, as `[rows, 1]` tensors, from one sort of the sample.
 
-    The deviation is formed in halves (`x / 2 - median / 2`), so it cannot overflow.
+    Deviations are formed in halves (`x / 2 - median / 2`), so they cannot overflow.
     """
     n = tf.shape(x)[-1]
     stride = tf.maximum(1, (n + ROBUST_SAMPLE_SIZE - 1) // ROBUST_SAMPLE_SIZE)
     sample = x[:, ::stride]
     sample_valid = valid[:, ::stride]
-    count = tf.reduce_sum(tf.cast(sample_valid, x.dtype), axis=-1, keepdims=True)
+    count = tf.reduce_sum(tf.cast(sample_valid, tf.int32), axis=-1, keepdims=True)
     largest = tf.fill(tf.shape(sample), x.dtype.max)  # invalid entries sort last
-    median = _median(tf.sort(tf.where(sample_valid, sample, largest)), count)
-    half_deviation = tf.abs(0.5 * sample - 0.5 * median)
-    half_mad = _median(tf.sort(tf.where(sample_valid, half_deviation, largest)), count)
-    return median, half_mad
+    ordered = tf.sort(tf.where(sample_valid, sample, largest))
+    median = _median(ordered, count)
+    last = tf.maximum(count - 1, 0)
+    lower = _half_deviation_statistic(ordered, count, median, last // 2)
+    upper = _half_deviation_statistic(ordered, count, median, (last + 1) // 2)
+    return median, 0.5 * lower + 0.5 * upper
 
 
 def _normal_with_log_tails(u: tf.Tensor) -> tf.Tensor:
