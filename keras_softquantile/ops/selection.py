@@ -6,6 +6,7 @@ import itertools
 import math
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from keras_softquantile.ops import _validation, transport
@@ -216,7 +217,9 @@ def soft_quantile_split(
         if output == "sorted":
             low, high, result = _split_sorted(prepared, value_rows, quantile, epsilon, solver, mask)
         else:
-            if quantile < 0.5:
+            # A middle bucket within rounding of empty (q = 0.5 - 1e-17) is left out: its two
+            # boundaries would coincide and the problem is the two-bucket one.
+            if 1 - 2 * quantile > 64 * np.finfo(prepared.dtype.as_numpy_dtype).eps:
                 masses = tf.constant([quantile, 1 - 2 * quantile, quantile], tf.float64)
             else:
                 masses = tf.constant([0.5, 0.5], tf.float64)

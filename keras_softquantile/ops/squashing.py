@@ -156,7 +156,12 @@ def squash_scores(
         # against the bulk. The quotient is only formed where it is finite.
         overflows = tf.abs(half_deviation) / x.dtype.max > half_sigma
         use = spread_out & row_valid & ~overflows
-        u = tf.where(use, half_deviation, tf.zeros_like(rows)) / half_sigma
+        # Divided by the scale held constant, then by its ratio to itself (exactly 1): the
+        # gradient with respect to the scale is then -u / scale, formed without squaring a
+        # scale near the dtype's limits (1e-300 or 3e38), which would give inf or NaN.
+        constant_sigma = tf.stop_gradient(half_sigma)
+        u = tf.where(use, half_deviation, tf.zeros_like(rows)) / constant_sigma
+        u = u / (half_sigma / constant_sigma)
         u = tf.where(overflows & row_valid, tf.sign(half_deviation) * x.dtype.max, u)
         z = _normal_with_log_tails(u)
         return tf.reshape(z, shape)
