@@ -96,9 +96,9 @@ def default_tolerance(dtype: tf.DType) -> float:
 
     A row counts as converged when every bucket holds its target mass to within twice this:
     in float64 5e-13 of the total (bucket counts within 1e-9 for rows of up to 2000 entries),
-    in float32 2e-5 (bucket counts within 2e-5 n), above the rounding of float32 memberships.
+    in float32 2e-6 (bucket counts within 2e-6 n), above the rounding of float32 memberships.
     """
-    return 2.5e-13 if dtype == tf.float64 else 1e-5
+    return 2.5e-13 if dtype == tf.float64 else 1e-6
 
 
 def _ridge(dtype: tf.DType) -> float:
@@ -816,7 +816,7 @@ def solve_newton(
         epsilon: positive scalar, the transition width in squashed units.
         max_iterations: cap on Newton steps (each step is one pass over the data).
         tolerance: stop when every cumulative marginal is within this fraction of the total
-            mass; defaults to `default_tolerance(dtype)`: 2.5e-13 in float64, 1e-5 otherwise.
+            mass; defaults to `default_tolerance(dtype)`: 2.5e-13 in float64, 1e-6 otherwise.
         warm_start: optional `[rows, m - 1]` initial boundaries.
         sample_size: entries per row sorted for the warm start (a strided subsample, which
             starts Newton from interpolated quantiles instead of the limit solution); None
