@@ -409,7 +409,7 @@ class QuantileObjectiveModel(keras.Model):
 
         if tf.executing_eagerly():
             if not bool(ok):
-                raise ValueError(describe().numpy().decode())
+                raise ValueError(tf.get_static_value(describe()).decode())
             return None
         message = tf.cond(ok, lambda: tf.constant(""), describe)
         return tf.debugging.Assert(ok, [message], name="check_data")
