@@ -1,4 +1,5 @@
-// MathJax configuration for pymdownx.arithmatex (generic mode).
+// MathJax configuration for pymdownx.arithmatex (generic mode). MathJax itself is served by
+// the site (javascripts/vendor/mathjax/), so the math renders with no network.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -9,6 +10,10 @@ window.MathJax = {
   options: {
     ignoreHtmlClass: ".*|",
     processHtmlClass: "arithmatex",
+  },
+  svg: {
+    // One shared set of glyph paths per page instead of a copy in every formula.
+    fontCache: "global",
   },
 };
 

@@ -49,22 +49,6 @@ class _Anchors(HTMLParser):
                 self.ids.add(value)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    site_dir = tmp_path_factory.mktemp("site")
-    environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert completed.returncode == 0, f"mkdocs build --strict failed:\n{completed.stderr}"
-    return site_dir
-
-
 def _built_page(page: Path, site: Path) -> Path:
     """Where mkdocs (with directory URLs) writes the HTML of a Markdown page."""
     relative = page.relative_to(DOCS).with_suffix("")
