@@ -24,6 +24,7 @@ objective that needs one output mode can say so in a `required_output` attribute
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -162,10 +163,28 @@ def get(identifier: str | Callable | dict) -> Callable:
 
 
 def serialize(objective: str | Callable) -> str | dict:
-    """What `QuantileObjectiveModel.get_config` stores for an objective: a name or a config."""
+    """What `QuantileObjectiveModel.get_config` stores for an objective: a name or a config.
+
+    Raises:
+        ValueError: for a callable that is not registered with
+            `keras.saving.register_keras_serializable` (a lambda, or a function or callable
+            class without the decorator): a saved model holding it could not be loaded.
+    """
     if isinstance(objective, str):
         return objective
     for name, function in _BUILTINS.items():
         if objective is function:
             return name
+    target = objective if isinstance(objective, type | types.FunctionType) else type(objective)
+    registered = keras.saving.get_registered_name(target)
+    if keras.saving.get_registered_object(registered) is not target:
+        # Keras would write a file that no `load_model` can read: refuse now, with the fix.
+        shown = getattr(target, "__qualname__", repr(target))
+        raise ValueError(
+            f"Cannot save the objective {shown!r}: it is not registered, so the saved model "
+            "could not be loaded. Define it as a named module-level function decorated with "
+            '`@keras.saving.register_keras_serializable(package="my_package")`, and import '
+            "its module before `keras.saving.load_model`. Received: "
+            f"objective={objective!r}"
+        )
     return keras.saving.serialize_keras_object(objective)

@@ -32,6 +32,12 @@ def _check_positive(value, name: str) -> float:
     return float(value)
 
 
+def _shape_string(tensor: tf.Tensor) -> tf.Tensor:
+    """The dynamic shape of a tensor as a string tensor, "(2, 30)"."""
+    parts = tf.strings.reduce_join(tf.strings.as_string(tf.shape(tensor)), separator=", ")
+    return tf.strings.join(["(", parts, ")"])
+
+
 @keras.saving.register_keras_serializable(package="keras_softquantile")
 class QuantileObjectiveModel(keras.Model):
     """Learns scores `C = scorer(B)` whose lower/upper quantile selection minimises `f`.
@@ -118,8 +124,11 @@ class QuantileObjectiveModel(keras.Model):
         sigma: noise standard deviation of the perturbed estimator, on the squashed scores
             (quantile-level units, like `epsilon`).
         solver: "auto", "newton" or "sinkhorn" for the OT estimator.
-        seed: int seed of the perturbed estimator's noise, or None (a seed drawn from
-            Python's `random`, which `keras.utils.set_random_seed` seeds).
+        seed: int seed of the model's own random draws (the default scorer's initial theta
+            and the perturbed estimator's noise), or None (drawn from Keras's global seed and
+            Python's `random`, which `keras.utils.set_random_seed` seeds). `fit` also shuffles
+            the instances each epoch: for bit-identical runs call
+            `keras.utils.set_random_seed(seed)` before building the model.
         **kwargs: base model arguments (`name`, `dtype`, ...).
 
     References:
@@ -174,7 +183,10 @@ class QuantileObjectiveModel(keras.Model):
             raise TypeError(f"`seed` must be an int or None. Received: seed={seed!r}")
         self.seed = seed
         if scorer is None:
-            scorer = LinearScorer(num_features, name="linear_scorer")
+            initializer = (
+                "random_normal" if seed is None else keras.initializers.RandomNormal(seed=seed)
+            )
+            scorer = LinearScorer(num_features, theta_initializer=initializer, name="linear_scorer")
         elif not isinstance(scorer, keras.layers.Layer):
             raise TypeError(
                 "`scorer` must be a Keras layer or model mapping features [batch, n, M] to "
@@ -390,6 +402,33 @@ class QuantileObjectiveModel(keras.Model):
         """
         if objective:
             self._check_length(values)
+        if tf.executing_eagerly() or (
+            values.shape.is_fully_defined() and features.shape[:2].is_fully_defined()
+        ):
+            shapes_check = None  # `_check_data` compared the static shapes
+        else:
+            # Shapes known only when the graph runs (a dataset of variable-length instances):
+            # compared before the element-wise rules, which would fail on them less clearly.
+            shapes_check = tf.debugging.Assert(
+                tf.reduce_all(tf.equal(tf.shape(values), tf.shape(features)[:2])),
+                [
+                    tf.strings.join(
+                        [
+                            "A [batch, n] and B [batch, n, M] must agree on batch and n. "
+                            "Received: A.shape=",
+                            _shape_string(values),
+                            ", B.shape=",
+                            _shape_string(features),
+                        ]
+                    )
+                ],
+                name="check_shapes",
+            )
+        with tf.control_dependencies([] if shapes_check is None else [shapes_check]):
+            return self._check_value_rules(values, features, objective)
+
+    def _check_value_rules(self, values, features, objective: bool):
+        """`_check_values` once A and B are known to agree in shape."""
         padding = tf.math.is_nan(values)
         valid = tf.logical_not(padding)
         limit = self._max_abs_value() if objective else math.inf
@@ -759,6 +798,17 @@ class QuantileObjectiveModel(keras.Model):
         super().load_own_variables(store)
 
     # ----------------------------------------------------------------- config
+
+    def save(self, filepath, overwrite: bool = True, zipped: bool | None = None, **kwargs) -> None:
+        """Saves the model as a `.keras` file (see `keras.Model.save`).
+
+        Raises:
+            ValueError: before anything is written (an existing file is kept), if the
+                objective is a callable not registered with
+                `keras.saving.register_keras_serializable`: the file could not be loaded.
+        """
+        objectives.serialize(self.objective)
+        super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
 
     def get_config(self) -> dict:
         config = {

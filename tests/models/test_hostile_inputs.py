@@ -371,3 +371,42 @@ class TestPerturbedSeedState:
         model = ksq.QuantileObjectiveModel("spread", num_features=3)
         assert model.perturbation_seed is None
         assert len(model.non_trainable_weights) == 1  # epsilon
+
+
+class TestShapeMismatch:
+    """A and B that disagree on n are named, also when n is known only at run time."""
+
+    MATCH = r"A \[batch, n\] and B \[batch, n, M\] must agree.*A.shape=\(\d+, 30\).*B.shape="
+
+    @pytest.mark.parametrize("entry", ["fit", "evaluate", "predict"])
+    def test_arrays(self, entry):
+        A, B = _problem(instances=8, n=30)
+        _, B = _problem(instances=8, n=40)
+        with pytest.raises(ERRORS, match=self.MATCH):
+            _call(_model(False), entry, A, B, as_dataset=False)
+
+    @JIT
+    @pytest.mark.parametrize("entry", ["fit", "evaluate"])
+    def test_a_dataset_of_unknown_length(self, entry, jit_compile):
+        A, B = _problem(instances=8, n=30)
+        _, B = _problem(instances=8, n=40)
+        data = tf.data.Dataset.from_generator(
+            lambda: iter([(A, B)]),
+            output_signature=(tf.TensorSpec([None, None]), tf.TensorSpec([None, None, 3])),
+        )
+        model = _model(jit_compile)
+        start = _theta(model)
+        with pytest.raises(ERRORS, match=self.MATCH):
+            getattr(model, entry)(data, verbose=0)
+        np.testing.assert_array_equal(_theta(model), start)
+
+    def test_selection_in_a_graph(self):
+        A, B = _problem(instances=8, n=30)
+        _, B = _problem(instances=8, n=40)
+        model = _model(False)
+        selection = tf.function(
+            model.selection,
+            input_signature=[tf.TensorSpec([None, None]), tf.TensorSpec([None, None, 3])],
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match=self.MATCH):
+            selection(A, B)

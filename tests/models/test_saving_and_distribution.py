@@ -61,15 +61,39 @@ class TestKerasRoundTrip:
                 atol=1e-6,
             )
 
-    def test_unregistered_lambda_objective_is_refused_by_safe_mode(self, tmp_path):
+    @pytest.mark.parametrize("kind", ["lambda", "function", "callable_object"])
+    def test_an_unregistered_objective_fails_at_save_with_the_fix(self, tmp_path, kind):
+        def spread(low, high):
+            return low.mean() - high.mean()
+
+        class Spread:
+            def __call__(self, low, high):
+                return spread(low, high)
+
+        objective = {
+            "lambda": lambda low, high: spread(low, high),
+            "function": spread,
+            "callable_object": Spread(),
+        }[kind]
         A, B, _ = planted_problem(instances=4, n=20)
-        model = ksq.QuantileObjectiveModel(lambda low, high: low.mean() - high.mean())
+        model = ksq.QuantileObjectiveModel(objective, num_features=B.shape[-1])
         model.compile(optimizer="adam")
-        model.fit(x=(A, B), epochs=1, verbose=0)
-        path = os.path.join(tmp_path, "lambda.keras")
-        model.save(path)
-        with pytest.raises(ValueError, match="lambda"):
-            keras.models.load_model(path, safe_mode=True)
+        model.fit(x=(A, B), epochs=1, verbose=0)  # training needs no registration
+        path = os.path.join(tmp_path, "unregistered.keras")
+        with open(path, "w") as previous:  # an earlier checkpoint that a failed save must keep
+            previous.write("previous")
+        with pytest.raises(ValueError, match=r"register_keras_serializable.*Received: objective="):
+            model.save(path)
+        with open(path) as kept:
+            assert kept.read() == "previous"
+        with pytest.raises(ValueError, match="register_keras_serializable"):
+            keras.saving.serialize_keras_object(model)  # every other way of saving refuses too
+
+    def test_a_registered_objective_saves(self, tmp_path):
+        model = ksq.QuantileObjectiveModel(low_tail_spread, num_features=3, output="sorted")
+        model.save(os.path.join(tmp_path, "registered.keras"))
+        loaded = keras.models.load_model(os.path.join(tmp_path, "registered.keras"))
+        assert loaded.objective_function is low_tail_spread
 
 
 class _Interrupt(keras.callbacks.Callback):
