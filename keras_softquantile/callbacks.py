@@ -23,6 +23,12 @@ def _positive(value, name: str) -> float:
     return float(value)
 
 
+def _completed_iterations(model) -> int:
+    """The optimizer steps taken so far (0 before the first `fit`, or without an optimizer)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    return 0 if iterations is None else int(keras.ops.convert_to_numpy(iterations))
+
+
 def _count(value, name: str, minimum: int = 1) -> int | None:
     if value is None:
         return None
@@ -133,9 +139,11 @@ class EpsilonAnnealing(keras.callbacks.Callback):
         self._targets()
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        if self.steps is not None:
-            return
-        value = self.value_at(epoch)
+        # Also with `steps`: epsilon is then the schedule's before any other callback's first
+        # batch hook (a snapshot before training sees the starting value).
+        value = self.value_at(
+            _completed_iterations(self.model) if self.steps is not None else epoch
+        )
         self._assign(value)
         if self.verbose:
             print(f"\nEpoch {epoch + 1}: EpsilonAnnealing sets epsilon to {value:.4g}.")
@@ -143,8 +151,7 @@ class EpsilonAnnealing(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         if self.steps is None:
             return
-        iteration = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self._assign(self.value_at(iteration))
+        self._assign(self.value_at(_completed_iterations(self.model)))
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if logs is not None and "epsilon" not in logs:
@@ -155,39 +162,48 @@ class EpsilonAnnealing(keras.callbacks.Callback):
 class SelectionMonitor(keras.callbacks.Callback):
     """Writes TensorBoard summaries of the scorer and of the selection on a fixed batch.
 
-    Before training and every `every_n_epochs` epochs (and after the last) it evaluates
-    `model.selection(A, B)` of a `QuantileObjectiveModel` on the monitored `data` and writes,
-    under `log_dir/selection`, at step = the number of epochs completed:
+    It evaluates `model.selection(A, B)` of a `QuantileObjectiveModel` on the monitored `data`
+    before training and every `every_n_epochs` epochs (and after the last), and writes under
+    `log_dir/selection`, on the step axis of `keras.callbacks.TensorBoard` (step `e` is epoch
+    `e`, counted from 0; the snapshot after epoch `e` is at step `e`, the one before training
+    at step `e0 - 1` for a `fit` that starts at epoch `e0`, so -1 for a new run):
 
     * histograms of the scorer's weights (`theta` for the default linear scorer, else
       `scorer/<weight path>`);
     * histograms `selection/lower_membership` and `selection/upper_membership` of the soft
       memberships of the valid entries;
-    * the scalar `selection/mean_abs_difference`, the soft-vs-hard mask difference
-      (sharpness), averaged over both buckets;
-    * images `selection/membership_vs_rank`, one per instance (up to `max_images`): the
-      entries ordered by score rank from left to right, the soft lower-bucket membership in
-      red and the upper-bucket membership in blue, from 0 (bottom) to 1 (top), over the hard
-      buckets shaded in grey. As epsilon shrinks the curves become steps at the quantiles.
+    * scalars `selection/mean_abs_difference`, the soft-vs-hard mask difference (sharpness),
+      averaged over both buckets, and `selection/epsilon`, the epsilon of the snapshot;
+    * images `selection/membership_vs_rank`, one per instance (up to `max_images`): a plot of
+      the soft lower-bucket (red) and upper-bucket (blue) memberships of the entries against
+      their score rank, over the hard buckets shaded in the same colours, with axes, legend
+      and the epoch and epsilon in the title. As epsilon shrinks the curves become steps at
+      the quantiles.
 
-    Use it beside `keras.callbacks.TensorBoard(log_dir)`, which logs the metrics.
+    The snapshot before training is taken at the first batch, after every callback's start of
+    epoch, so it shows the epsilon that `EpsilonAnnealing` starts from whatever the order of
+    the callbacks. Each summary carries a description, shown in TensorBoard. Use it beside
+    `keras.callbacks.TensorBoard(log_dir)`, which logs the metrics. The images are drawn with
+    matplotlib.
 
     Args:
         log_dir: the TensorBoard log directory.
         data: a pair `(A, B)` of arrays, `A` `[batch, n]` and `B` `[batch, n, M]`: a small,
             fixed set of instances to monitor.
         every_n_epochs: write every this many epochs (and after the last one).
-        max_images: the number of instances drawn as images.
-        image_height: height in pixels of each image.
+        max_images: the number of instances drawn as images (0: none).
+        image_width: width in pixels of each image, at least 240.
+        image_height: height in pixels of each image, at least 160.
     """
 
     def __init__(
         self,
-        log_dir: str,
+        log_dir: str | os.PathLike,
         data,
         every_n_epochs: int = 1,
         max_images: int = 3,
-        image_height: int = 64,
+        image_width: int = 480,
+        image_height: int = 340,
     ):
         super().__init__()
         if not isinstance(log_dir, str | os.PathLike):
@@ -207,8 +223,10 @@ class SelectionMonitor(keras.callbacks.Callback):
         self.features = features
         self.every_n_epochs = _count(every_n_epochs, "every_n_epochs")
         self.max_images = _count(max_images, "max_images", minimum=0)
-        self.image_height = _count(image_height, "image_height", minimum=8)
+        self.image_width = _count(image_width, "image_width", minimum=240)
+        self.image_height = _count(image_height, "image_height", minimum=160)
         self._writer = None
+        self._pending_step = None  # the step of the snapshot before training, until taken
 
     def on_train_begin(self, logs=None) -> None:
         if not hasattr(self.model, "selection"):
@@ -216,42 +234,49 @@ class SelectionMonitor(keras.callbacks.Callback):
                 "`SelectionMonitor` needs a `QuantileObjectiveModel` (a model with a "
                 f"`selection` method). Received: model={type(self.model).__name__}"
             )
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "selection"))
         self._last_epoch = (self.params or {}).get("epochs")
-        self.write(self._initial_epoch())
+        self._pending_step = None
+        self._started = False
 
-    def _initial_epoch(self) -> int:
-        """Epochs already completed before this `fit` (a continued or resumed run).
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if not self._started:  # Keras gives the first epoch here, resumed runs included
+            self._started = True
+            self._pending_step = epoch - 1
 
-        Keras tells callbacks no initial epoch, so it is the optimizer's iteration count over
-        the steps per epoch.
-        """
-        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
-        steps = (self.params or {}).get("steps")
-        if iterations is None or not steps:
-            return 0
-        return int(keras.ops.convert_to_numpy(iterations)) // steps
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        self._write_pending()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self._write_pending()  # an epoch without batches
         last = self._last_epoch is not None and epoch + 1 == self._last_epoch
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        self.write(epoch + 1)
+        self.write(epoch)
 
     def on_train_end(self, logs=None) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    def write(self, step: int) -> None:
-        """Writes the summaries now, at TensorBoard step `step` (epochs completed)."""
+    def _write_pending(self) -> None:
+        if self._pending_step is not None:
+            step, self._pending_step = self._pending_step, None
+            self.write(step, when="before training")
+
+    def write(self, step: int, when: str | None = None) -> None:
+        """Writes the summaries now, at TensorBoard step `step` (an epoch index).
+
+        Args:
+            step: the TensorBoard step.
+            when: the moment named in the images' titles; default "after epoch {step + 1}".
+        """
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "selection"))
         selection = {
             key: keras.ops.convert_to_numpy(value)
             for key, value in self.model.selection(self.values, self.features).items()
         }
+        epsilon = float(keras.ops.convert_to_numpy(self.model.get_epsilon()))
         valid = np.isfinite(selection["scores"])
         low, high = selection["lower_membership"], selection["upper_membership"]
         low_mask, high_mask = selection["lower_mask"], selection["upper_mask"]
@@ -260,11 +285,19 @@ class SelectionMonitor(keras.callbacks.Callback):
         )
         with self._writer.as_default(step=step):
             for path, weight in self._scorer_weights():
-                tf.summary.histogram(path, weight)
-            tf.summary.histogram("selection/lower_membership", low[valid])
-            tf.summary.histogram("selection/upper_membership", high[valid])
-            tf.summary.scalar("selection/mean_abs_difference", difference)
+                tf.summary.histogram(path, weight, description=_DESCRIPTIONS["weights"])
+            tf.summary.histogram(
+                "selection/lower_membership", low[valid], description=_DESCRIPTIONS["lower"]
+            )
+            tf.summary.histogram(
+                "selection/upper_membership", high[valid], description=_DESCRIPTIONS["upper"]
+            )
+            tf.summary.scalar(
+                "selection/mean_abs_difference", difference, description=_DESCRIPTIONS["sharp"]
+            )
+            tf.summary.scalar("selection/epsilon", epsilon, description=_DESCRIPTIONS["epsilon"])
             if self.max_images:
+                when = when or f"after epoch {step + 1}"
                 images = [
                     _membership_image(
                         selection["scores"][i],
@@ -272,12 +305,16 @@ class SelectionMonitor(keras.callbacks.Callback):
                         high[i],
                         low_mask[i],
                         high_mask[i],
-                        self.image_height,
+                        title=f"instance {i}, {when}, epsilon {epsilon:.3g}",
+                        size=(self.image_width, self.image_height),
                     )
                     for i in range(min(self.max_images, len(low)))
                 ]
                 tf.summary.image(
-                    "selection/membership_vs_rank", np.stack(images), max_outputs=len(images)
+                    "selection/membership_vs_rank",
+                    np.stack(images),
+                    max_outputs=len(images),
+                    description=_DESCRIPTIONS["image"],
                 )
         self._writer.flush()
 
@@ -289,20 +326,69 @@ class SelectionMonitor(keras.callbacks.Callback):
         return [(f"scorer/{w.path}", keras.ops.convert_to_numpy(w)) for w in weights]
 
 
-def _membership_image(scores, low, high, low_mask, high_mask, height: int) -> np.ndarray:
-    """An RGB image in [0, 1]: soft memberships (red lower, blue upper) against score rank."""
+_DESCRIPTIONS = {
+    "weights": "Histogram of the scorer's weights (`theta` for the default linear scorer).",
+    "lower": (
+        "Soft membership of the monitored entries in the **lower** bucket (the entries with "
+        "the lowest scores). Sharp selection: mass near 0 and 1 only."
+    ),
+    "upper": (
+        "Soft membership of the monitored entries in the **upper** bucket (the entries with "
+        "the highest scores). Sharp selection: mass near 0 and 1 only."
+    ),
+    "sharp": (
+        "Mean absolute difference between the soft and the hard bucket masks on the monitored "
+        "instances (both buckets averaged): the sharpness of the soft selection, about "
+        "1.4 x epsilon for Gaussian scores. It falls as epsilon is annealed."
+    ),
+    "epsilon": "The OT temperature epsilon when the snapshot was taken.",
+    "image": (
+        "Each monitored instance: its entries ordered by score rank (x axis, lowest score on "
+        "the left), with their soft membership (y axis, 0 to 1) in the **lower** bucket (red "
+        "curve) and the **upper** bucket (blue curve). The shaded bands are the hard buckets "
+        "(red: lower quantile, blue: upper). As epsilon shrinks the curves become steps that "
+        "fill the shaded bands."
+    ),
+}
+
+_RED, _BLUE = (0.85, 0.1, 0.1), (0.1, 0.2, 0.9)
+
+
+def _membership_image(
+    scores, low, high, low_mask, high_mask, title: str, size: tuple[int, int]
+) -> np.ndarray:
+    """An RGB image (uint8 `[height, width, 3]`) of soft memberships against score rank."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     valid = np.isfinite(scores)
     order = np.argsort(scores[valid], kind="stable")
-    curves = [low[valid][order], high[valid][order]]
-    hard = low_mask[valid][order] | high_mask[valid][order]
-    width = len(order)
-    image = np.ones((height, width, 3), np.float32)
-    image[:, hard] = 0.85
-    colours = ((0.85, 0.1, 0.1), (0.1, 0.2, 0.9))
-    margin = 3  # keep the 2-pixel curves off the border at memberships 0 and 1
-    columns = np.arange(width)
-    for curve, colour in zip(curves, colours, strict=True):
-        rows = margin + np.round((1 - curve) * (height - 1 - 2 * margin)).astype(int)
-        for offset in (-1, 0):
-            image[rows + offset, columns] = colour
-    return image
+    ranks = np.arange(1, len(order) + 1)
+    width, height = size
+    dpi = 100
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for mask, colour, name in ((low_mask, _RED, "lower"), (high_mask, _BLUE, "upper")):
+        axes.fill_between(
+            ranks,
+            0,
+            1,
+            where=mask[valid][order],
+            step="mid",
+            color=colour,
+            alpha=0.12,
+            linewidth=0,
+            label=f"hard {name} bucket",
+        )
+    axes.plot(ranks, low[valid][order], color=_RED, linewidth=2.2, label="soft lower membership")
+    axes.plot(ranks, high[valid][order], color=_BLUE, linewidth=2.2, label="soft upper membership")
+    axes.set_xlim(0.5, len(order) + 0.5)
+    axes.set_ylim(-0.04, 1.04)
+    axes.set_xlabel("entries by score rank (lowest left)", fontsize=10)
+    axes.set_ylabel("membership", fontsize=10)
+    axes.set_title(title, fontsize=11)
+    axes.tick_params(labelsize=9)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

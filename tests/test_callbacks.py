@@ -1,6 +1,7 @@
 """EpsilonAnnealing and SelectionMonitor, with TensorBoard event files read back."""
 
 import glob
+import itertools
 import os
 
 import keras
@@ -161,20 +162,33 @@ class TestTensorBoard:
             "selection/membership_vs_rank",
         ):
             assert tag in tags, tags
-        # Written before training, after epoch 2 (every_n_epochs) and after the last, 3.
-        assert [e.step for e in selection.Tensors("theta")] == [0, 2, 3]
+        # On Keras's step axis (step e = epoch e): before training (-1), after the second
+        # epoch (every_n_epochs) and after the last.
+        assert [e.step for e in selection.Tensors("theta")] == [-1, 1, 2]
+        assert [e.step for e in train.Tensors("epoch_loss")] == [0, 1, 2]
         theta = tf.make_ndarray(selection.Tensors("theta")[-1].tensor_proto)
         assert theta.shape[-1] == 3  # histogram buckets: (left, right, count)
         assert theta[:, 2].sum() == 3  # the three entries of theta
         image = selection.Tensors("selection/membership_vs_rank")[-1]
         encoded = tf.make_ndarray(image.tensor_proto)
-        assert encoded[:2].tolist() == [b"40", b"64"]  # width = n, height
-        pixels = tf.io.decode_png(encoded[2]).numpy()
-        assert pixels.shape == (64, 40, 3)
-        red = (pixels[..., 0] > 150) & (pixels[..., 2] < 100)
-        blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
-        # The lower-bucket membership curve is high on the left, the upper one on the right.
-        assert red[:10, :5].any() and blue[:10, -5:].any()
+        assert encoded[:2].tolist() == [b"480", b"340"]  # width, height
+        assert len(encoded) == 2 + 2  # max_images
+        pixels = tf.io.decode_png(encoded[2]).numpy().astype(int)
+        assert pixels.shape == (340, 480, 3)
+        red = (pixels[..., 0] > 170) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+        blue = (pixels[..., 2] > 170) & (pixels[..., 0] < 80) & (pixels[..., 1] < 110)
+        top, left, right = slice(0, 150), slice(0, 150), slice(330, 480)
+        # The lower-bucket curve is high on the left, the upper one on the right (the legend,
+        # which also shows both colours, sits below the plot).
+        assert red[top, left].sum() > 50 and blue[top, right].sum() > 50
+        assert red[top, right].sum() < 10 and blue[top, left].sum() < 10
+        dark = pixels.sum(-1) < 150  # text: title, axis labels, ticks
+        assert dark.sum() > 500
+        described = {
+            tag: selection.SummaryMetadata(tag).summary_description
+            for tag in ("selection/membership_vs_rank", "selection/mean_abs_difference", "theta")
+        }
+        assert all(len(text) > 40 for text in described.values()), described
         assert glob.glob(os.path.join(log_dir, "selection", "events.out.tfevents.*"))
 
     def test_monitor_needs_the_objective_model_and_good_data(self, tmp_path):
@@ -189,3 +203,51 @@ class TestTensorBoard:
         monitor = SelectionMonitor(tmp_path, (np.zeros((1, 4)), np.zeros((1, 4, 2))))
         with pytest.raises(ValueError, match="QuantileObjectiveModel"):
             plain.fit(np.zeros((2, 3)), np.zeros((2, 1)), verbose=0, callbacks=[monitor])
+
+
+class TestSnapshotBeforeTraining:
+    """The snapshot before training shows the starting epsilon, whatever the callback order."""
+
+    @pytest.mark.parametrize(
+        "monitor_first", [True, False], ids=["monitor_first", "annealing_first"]
+    )
+    @pytest.mark.parametrize("mode", ["epochs", "steps"])
+    def test_at_the_starting_epsilon(self, tmp_path, monitor_first, mode):
+        A, B = _problem()
+        log_dir = os.fspath(tmp_path)
+        model = ksq.QuantileObjectiveModel("spread", epsilon=0.001)  # the end, not the start
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+        span = {"epochs": 3} if mode == "epochs" else {"steps": 6}
+        annealing = EpsilonAnnealing(0.2, 0.001, **span)
+        monitor = SelectionMonitor(log_dir, (A[:2], B[:2]), max_images=0)
+        callbacks = [monitor, annealing] if monitor_first else [annealing, monitor]
+        model.fit(x=(A, B), batch_size=4, epochs=3, verbose=0, callbacks=callbacks)
+        selection = _events(os.path.join(log_dir, "selection"))
+
+        def series(tag):
+            return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in selection.Tensors(tag)}
+
+        epsilons = series("selection/epsilon")
+        assert sorted(epsilons) == [-1, 0, 1, 2]
+        np.testing.assert_allclose(epsilons[-1], 0.2, rtol=1e-6)
+        differences = series("selection/mean_abs_difference")
+        # The same epsilon before training and in the first epoch; sharper at every later
+        # snapshot as epsilon falls: the curve does not rise at the start.
+        if mode == "epochs":
+            np.testing.assert_allclose(differences[-1], differences[0], rtol=0.25)
+            steps = [0, 1, 2]
+        else:  # epsilon falls before every batch
+            steps = [-1, 0, 1, 2]
+        assert all(differences[a] > differences[b] for a, b in itertools.pairwise(steps))
+        assert differences[-1] > 10 * differences[2], differences
+
+    def test_a_resumed_run_continues_the_step_axis(self, tmp_path):
+        A, B = _problem()
+        log_dir = os.fspath(tmp_path)
+        model = ksq.QuantileObjectiveModel("spread", epsilon=0.05)
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+        model.fit(x=(A, B), batch_size=4, epochs=2, verbose=0)
+        monitor = SelectionMonitor(log_dir, (A[:2], B[:2]), max_images=1)
+        model.fit(x=(A, B), batch_size=4, epochs=4, initial_epoch=2, verbose=0, callbacks=[monitor])
+        selection = _events(os.path.join(log_dir, "selection"))
+        assert [e.step for e in selection.Tensors("theta")] == [1, 2, 3]

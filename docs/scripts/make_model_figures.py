@@ -80,13 +80,12 @@ def scalars_figure(log_dir: str) -> None:
 def image_figure(log_dir: str) -> None:
     selection = read(os.path.join(log_dir, "selection"))
     events = selection.Tensors("selection/membership_vs_rank")
-    figure, axes = plt.subplots(2, 1, figsize=(8, 3.6))
+    figure, axes = plt.subplots(1, 2, figsize=(10.4, 3.5))
     for axis, event in zip(axes, (events[0], events[-1]), strict=True):
         encoded = tf.make_ndarray(event.tensor_proto)
-        axis.imshow(tf.io.decode_png(encoded[2]).numpy(), aspect="auto", interpolation="nearest")
-        axis.set_title(f"selection/membership_vs_rank after {event.step} epochs", fontsize=10)
-        axis.set_yticks([])
-        axis.set_xlabel("score rank (n = 200)")
+        axis.imshow(tf.io.decode_png(encoded[2]).numpy(), interpolation="none")
+        axis.set_title(f"TensorBoard step {event.step}", fontsize=10)
+        axis.axis("off")  # the image has its own axes, title and legend
     figure.tight_layout()
     figure.savefig(os.path.join(ASSETS, "membership_vs_rank.png"), dpi=90)
 
