@@ -39,6 +39,12 @@ from keras_softquantile import ops
 SIZES = ("1x1000", "256x1000", "1x100000", "1x1000000")
 # Targets from the issue: time ratio against the faster hard sort, by size.
 TARGETS = {"256x1000": 3.0, "1x100000": 2.0, "1x1000000": 1.0}
+# A memory probe (`--probe SPEC`) prints one JSON object: the measurement under PROBE_KEY,
+# what it measured, and its SPEC; `measure_memory` reads the value back.
+PROBE_KEY = "peak_memory_mib"
+PROBE_MEASURED = (
+    "peak CPU allocator memory of one call, above what its inputs hold, in MiB (2**20 bytes)"
+)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -103,7 +109,7 @@ def measure_memory(size: str, what: str, epsilon: float, xla: bool) -> float:
     ]
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return float(output.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1])[PROBE_KEY]
 
 
 def measure(size: str, epsilon: float, repeats: int, memory: bool) -> dict:
@@ -186,7 +192,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe:
         spec = json.loads(args.probe)
-        print(memory_probe(spec["size"], spec["what"], spec["epsilon"], spec["xla"]))
+        peak = memory_probe(spec["size"], spec["what"], spec["epsilon"], spec["xla"])
+        print(json.dumps({PROBE_KEY: peak, "measured": PROBE_MEASURED, **spec}))
         return
     rows = []
     for size in args.sizes:
