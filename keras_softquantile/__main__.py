@@ -288,12 +288,23 @@ def _epsilon(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The command line's parser, and the parser of its `demo` command (for its errors)."""
     parser = argparse.ArgumentParser(prog="keras-softquantile", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "demo", help="learn theta so that the quartiles of B @ theta minimise f(A_low, A_high)"
+        "demo",
+        help="learn theta so that the quartiles of B @ theta minimise f(A_low, A_high)",
+        formatter_class=_HelpFormatter,
     )
     run.add_argument("--n", type=_positive_int, default=200, help="entries per instance")
     run.add_argument("--features", type=_positive_int, default=20, help="number of features M")
@@ -311,8 +322,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default=1e-2,
         help=f"final selection temperature, annealed from 10 x it; >= {_EPSILON_MINIMUM:.3g}",
     )
-    run.add_argument("--objective", choices=OBJECTIVES, default="spread")
-    run.add_argument("--estimator", choices=ESTIMATORS, default="ot")
+    run.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="spread",
+        help="spread: mean(A_low) - mean(A_high); rank_weighted_spread: weighted by score "
+        "rank, which needs the selected values in score order (a transport to 2 * floor(q * n) "
+        "+ 1 buckets instead of 3): with the defaults it trains about 4x slower",
+    )
+    run.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="ot",
+        help="ot: implicit gradient of the entropic transport; perturbed: Monte Carlo over "
+        "noisy hard selections",
+    )
     run.add_argument(
         "--quantile",
         type=_quantile,
@@ -332,7 +356,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="fixes the data, the initial theta and the training shuffle: the same seed "
         "gives the same numbers",
     )
-    run.add_argument("--logdir", default=None, help="TensorBoard directory (./runs/<timestamp>)")
+    run.add_argument(
+        "--logdir", default=None, help="TensorBoard directory (default: ./runs/<timestamp>)"
+    )
     return parser, run
 
 
