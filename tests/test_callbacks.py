@@ -66,6 +66,7 @@ class TestEpsilonAnnealing:
         # variables); later epochs, with a new epsilon each, reuse that trace.
         assert counts[0] > 0 and counts == [counts[0]] * 4, counts
 
+    @pytest.mark.slow
     def test_steps_schedule_follows_optimizer_iterations(self):
         A, B = _problem()
         model = ksq.QuantileObjectiveModel("spread", epsilon=0.5)
@@ -77,6 +78,7 @@ class TestEpsilonAnnealing:
             history.history["epsilon"], [np.mean([0.1, 0.0775, 0.055, 0.0325]), 0.01], rtol=1e-5
         )
 
+    @pytest.mark.slow
     def test_anneals_soft_layers_inside_any_model(self):
         inputs = keras.Input((10,))
         topk = ksq.SoftTopK(3, epsilon=0.5, name="topk")
@@ -127,6 +129,7 @@ class TestEpsilonAnnealing:
 
 
 class TestTensorBoard:
+    @pytest.mark.slow
     def test_metrics_histograms_and_images_are_written(self, tmp_path):
         A, B = _problem()
         log_dir = os.fspath(tmp_path)
@@ -241,6 +244,7 @@ class TestSnapshotBeforeTraining:
         assert all(differences[a] > differences[b] for a, b in itertools.pairwise(steps))
         assert differences[-1] > 10 * differences[2], differences
 
+    @pytest.mark.slow
     def test_a_resumed_run_continues_the_step_axis(self, tmp_path):
         A, B = _problem()
         log_dir = os.fspath(tmp_path)

@@ -22,6 +22,7 @@ from keras_softquantile.ops._validation import epsilon_minimum
 TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog", re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     logdir = os.fspath(tmp_path / "runs")
     code = main(
@@ -57,6 +58,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert os.listdir(os.path.join(logdir, run)), run
 
 
+@pytest.mark.slow
 def test_demo_with_the_order_dependent_objective(tmp_path, capsys):
     code = main(
         [
@@ -378,6 +380,7 @@ def test_the_same_seed_gives_the_same_numbers_without_log_noise(tmp_path):
     assert tables[0] == tables[1]
 
 
+@pytest.mark.slow
 def test_importing_the_package_holds_tensorflow_to_its_log_level():
     """`import keras_softquantile` imports TensorFlow without the C++ start-up lines that
     TF_CPP_MIN_LOG_LEVEL hides (TensorFlow 2.21 prints them on import whatever the level)."""

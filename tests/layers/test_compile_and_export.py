@@ -50,6 +50,7 @@ def data():
     return np.random.default_rng(7).standard_normal((16, N)).astype("float32")
 
 
+@pytest.mark.slow
 def test_fit_with_xla_matches_fit_without(data):
     rng = np.random.default_rng(8)
     targets = {
@@ -70,6 +71,7 @@ def test_fit_with_xla_matches_fit_without(data):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_xla_prediction_matches_eager(data):
     model = _sorting_model()
     eager = model(data)
@@ -92,6 +94,7 @@ def test_xla_with_a_keras_mask():
     assert np.all(compiled[1, 3:] == 0) and np.all(compiled[2, 1:] == 0)
 
 
+@pytest.mark.slow
 def test_export_saved_model_reproduces_outputs(data, tmp_path):
     model = _selection_model()
     expected = model(data)

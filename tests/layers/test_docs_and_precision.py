@@ -38,6 +38,7 @@ def test_docstring_examples(module):
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.slow
 def test_global_mixed_precision_policy_fit(rng, policy):
     keras.config.set_dtype_policy(policy)  # reset by the autouse fixture
     compute = policy.split("_")[1]

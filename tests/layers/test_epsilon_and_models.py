@@ -58,6 +58,7 @@ class Anneal(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.slow
 def test_annealing_callback_does_not_retrace(rng, jit_compile):
     x, y = _data(rng)
     topk = CountingTopK(2, epsilon=0.3)
@@ -75,6 +76,7 @@ def test_annealing_callback_does_not_retrace(rng, jit_compile):
     )
 
 
+@pytest.mark.slow
 def test_trainable_epsilon_is_learned_and_stays_positive(rng):
     x, y = _data(rng, batch=32)
     topk = layers.SoftTopK(2, epsilon=0.5, trainable_epsilon=True)

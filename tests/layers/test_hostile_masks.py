@@ -59,6 +59,7 @@ def test_padding_is_an_invalid_argument_error_in_function(name):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.slow
 def test_padding_gives_nan_in_exactly_the_padded_rows_under_xla(name):
     model = _masked_model(name)
     y = tf.function(model, jit_compile=True)(X).numpy().reshape(len(X), -1)

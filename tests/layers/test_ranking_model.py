@@ -8,6 +8,7 @@ held-out queries its hard top-k precision must beat the untrained scorer's clear
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_softquantile import layers
@@ -29,6 +30,7 @@ def _precision_at_k(scores, relevant):
     return float(np.take_along_axis(relevant, top, axis=-1).sum(-1).mean() / K)
 
 
+@pytest.mark.slow
 def test_soft_topk_ranking_model_learns():
     rng = np.random.default_rng(2024)
     keras.utils.set_random_seed(11)

@@ -10,6 +10,7 @@ from keras_softquantile import layers, ops
 from keras_softquantile.testing import run_layer_test
 
 
+@pytest.mark.slow
 def test_soft_topk_count(rng, tmp_path):
     x = distinct_scores(rng, (4, 8))
     result = run_layer_test(
@@ -25,6 +26,7 @@ def test_soft_topk_count(rng, tmp_path):
     np.testing.assert_allclose(result["mixed"]["mixed_float16"].sum(-1), 3.0, rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_soft_topk_fraction_axis_1(rng, tmp_path):
     x = distinct_scores(rng, (3, 5, 10)).transpose(0, 2, 1).copy()  # n = 10 along axis 1
     result = run_layer_test(
@@ -40,6 +42,7 @@ def test_soft_topk_fraction_axis_1(rng, tmp_path):
     np.testing.assert_allclose(result["output"].sum(1), 3.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_soft_topk_trainable_epsilon(rng, tmp_path):
     x = distinct_scores(rng, (4, 6))
     result = run_layer_test(
@@ -58,6 +61,7 @@ def test_soft_topk_trainable_epsilon(rng, tmp_path):
 # With output="weights" nothing depends on `values`: its Dense gets no gradient, as it should.
 @pytest.mark.filterwarnings("ignore:Gradients do not exist:UserWarning")
 @pytest.mark.parametrize("output", ["weights", "mean", "sorted"])
+@pytest.mark.slow
 def test_soft_quantile_split(rng, tmp_path, output):
     scores = distinct_scores(rng, (3, 8))
     values = rng.standard_normal((3, 8)).astype("float32")
@@ -86,6 +90,7 @@ def test_soft_quantile_split(rng, tmp_path, output):
         np.testing.assert_allclose(high, hard[:, -k:], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_soft_quantile_masks(rng, tmp_path):
     x = distinct_scores(rng, (2, 3, 8))
     result = run_layer_test(
@@ -101,6 +106,7 @@ def test_soft_quantile_masks(rng, tmp_path):
     np.testing.assert_allclose(masks.sum(-2), np.broadcast_to([2.0, 4.0, 2.0], (2, 3, 3)), 1e-5)
 
 
+@pytest.mark.slow
 def test_soft_sort(rng, tmp_path):
     x = distinct_scores(rng, (3, 6))
     result = run_layer_test(
@@ -131,6 +137,7 @@ def test_soft_rank(rng, tmp_path):
 
 
 @pytest.mark.parametrize(("quantiles", "shape"), [(0.5, (3,)), ([0.0, 0.25, 1.0], (3, 3))])
+@pytest.mark.slow
 def test_soft_quantiles(rng, tmp_path, quantiles, shape):
     x = distinct_scores(rng, (3, 9))
     result = run_layer_test(

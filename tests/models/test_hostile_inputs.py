@@ -87,6 +87,7 @@ def _cases():
 
 class TestBadValuesRaiseBeforeAnyUpdate:
     @pytest.mark.parametrize(("entry", "as_dataset", "jit_compile", "bad"), _cases())
+    @pytest.mark.slow
     def test_names_the_argument_and_the_entry(self, entry, as_dataset, jit_compile, bad):
         name, index, value, match = BAD_VALUES[bad]
         A, B = _problem()
@@ -98,6 +99,7 @@ class TestBadValuesRaiseBeforeAnyUpdate:
         np.testing.assert_array_equal(_theta(model), start)  # the first step never ran
 
     @JIT_SLOW_XLA
+    @pytest.mark.slow
     def test_a_bad_later_batch_stops_training_with_finite_theta(self, jit_compile):
         A, B = _problem()
         B[6, 2, 1] = np.nan  # row 2 of the second batch of 4
@@ -140,6 +142,7 @@ class TestBadValuesRaiseBeforeAnyUpdate:
             graph(tf.constant(A), tf.constant(B))
 
     @JIT_SLOW_XLA
+    @pytest.mark.slow
     def test_nan_features_at_padding_are_ignored(self, jit_compile):
         A, B = _problem()
         A[:4, 9:] = np.nan
@@ -166,6 +169,7 @@ class TestHugeValues:
         np.testing.assert_array_equal(_theta(model), start)
 
     @JIT_SLOW_XLA
+    @pytest.mark.slow
     def test_values_up_to_the_limit_train_like_unit_values(self, jit_compile):
         A, B = _problem()
         scale = 4.2e9 / np.abs(A).max()
@@ -400,6 +404,7 @@ class TestShapeMismatch:
             getattr(model, entry)(data, verbose=0)
         np.testing.assert_array_equal(_theta(model), start)
 
+    @pytest.mark.slow
     def test_selection_in_a_graph(self):
         A, B = _problem(instances=8, n=30)
         _, B = _problem(instances=8, n=40)

@@ -25,6 +25,7 @@ class TestKerasRoundTrip:
         ("objective", "output", "scorer"),
         [("spread", "weights", None), (low_tail_spread, "sorted", "dense")],
     )
+    @pytest.mark.slow
     def test_restores_theta_epsilon_and_objective(self, tmp_path, objective, output, scorer):
         A, B, _ = planted_problem(instances=8, n=20)
         if scorer == "dense":
@@ -107,6 +108,7 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 class TestBackupAndRestore:
+    @pytest.mark.slow
     def test_resumed_fit_ends_with_the_same_theta(self, tmp_path):
         A, B, _ = planted_problem(instances=16, n=40)
 
@@ -193,6 +195,7 @@ DISTRIBUTED = textwrap.dedent(
 
 
 class TestMirroredStrategy:
+    @pytest.mark.slow
     def test_two_replicas_give_the_single_device_theta(self):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
         result = subprocess.run(

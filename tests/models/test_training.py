@@ -15,6 +15,7 @@ def _fit(model, A, B, epochs=10, batch_size=8, **kwargs):
 
 
 class TestLearnsThePlantedObjective:
+    @pytest.mark.slow
     def test_reaches_planted_theta_within_two_percent_while_hard_gradient_is_zero(self, problem):
         A, B, theta_star = problem
         model = ksq.QuantileObjectiveModel("spread", num_features=B.shape[-1], epsilon=1e-2)
@@ -94,6 +95,7 @@ class TestOutputsAndScorers:
         ("objective", "output"),
         [("spread", "mean"), ("spread", "sorted"), ("rank_weighted_spread", "sorted")],
     )
+    @pytest.mark.slow
     def test_every_output_mode_trains(self, objective, output):
         A, B, _ = planted_problem(instances=16, n=24)
         model = ksq.QuantileObjectiveModel(objective, output=output, epsilon=1e-2)
@@ -114,6 +116,7 @@ class TestOutputsAndScorers:
         with pytest.raises(AttributeError, match=r"model\.scorer\.weights"):
             _ = model.theta
 
+    @pytest.mark.slow
     def test_custom_objective_callable(self, problem):
         A, B, _ = problem
 
@@ -124,6 +127,7 @@ class TestOutputsAndScorers:
         history = _fit(model, A, B, epochs=3)
         assert history.history["hard_objective"][-1] < history.history["hard_objective"][0]
 
+    @pytest.mark.slow
     def test_dataset_input_and_jit_compile_agree(self, problem):
         A, B, _ = problem
         thetas = []
@@ -156,6 +160,7 @@ class TestPredictAndPadding:
         features_only = model.predict(B, batch_size=8, verbose=0)
         np.testing.assert_array_equal(features_only["upper_mask"], outputs["upper_mask"])
 
+    @pytest.mark.slow
     def test_nan_padding_is_the_shorter_instance(self):
         A, B, _ = planted_problem(instances=4, n=40)
         padded_A = np.concatenate([A[:, :30], np.full((4, 10), np.nan, "float32")], -1)
@@ -237,6 +242,7 @@ class TestBadArguments:
 
 
 class TestPerturbedEstimator:
+    @pytest.mark.slow
     def test_trains_to_the_planted_objective_and_is_reproducible(self, problem):
         A, B, theta_star = problem
         thetas = []
@@ -252,6 +258,7 @@ class TestPerturbedEstimator:
         planted = hard_spread(A, B, theta_star)
         assert learned <= planted + 0.02 * abs(planted), (learned, planted)
 
+    @pytest.mark.slow
     def test_sorted_output_with_the_order_dependent_objective(self):
         A, B, _ = planted_problem(instances=16, n=40)
         model = ksq.QuantileObjectiveModel(

@@ -91,6 +91,7 @@ class TestGradient:
         # analytic value ranged 0.093-0.098 and the central difference 0.084-0.109.
         np.testing.assert_allclose(analytic, float(numeric), rtol=0.15)
 
+    @pytest.mark.slow
     def test_variance_against_the_ot_estimator(self):
         """OT gradients are deterministic; perturbed ones have variance ~ 1 / num_samples."""
         values = _rows((4, 100), seed=1)
@@ -139,6 +140,7 @@ class TestGradient:
             assert np.isfinite(gradient.numpy()).all()
         assert np.abs(tape.gradient(loss, values).numpy()).sum() > 0
 
+    @pytest.mark.slow
     def test_under_tf_function_and_xla(self):
         x = _rows((2, 30), dtype="float32")
 

@@ -250,6 +250,7 @@ def resolvable(sorted_levels: np.ndarray, cuts: np.ndarray, gap: float) -> list[
 
 @pytest.mark.parametrize("op", SELECTIONS)
 @given(data=st.data())
+@pytest.mark.slow
 def test_bucket_totals_are_exact_and_the_solver_converges(op, data):
     scores, selection, epsilon = draw_case(data, op)
     pi, info = selection.memberships(tensor(scores), epsilon, diagnostics=True)
@@ -332,6 +333,7 @@ def test_tied_scores_get_equal_memberships(op, data):
 
 @pytest.mark.parametrize("op", SELECTIONS)
 @given(data=st.data())
+@pytest.mark.slow
 def test_permuting_entries_permutes_memberships(op, data):
     scores, selection, epsilon = draw_case(data, op, min_length=2)
     permutation = np.array(data.draw(st.permutations(range(scores.n)), label="permutation"))
@@ -349,6 +351,7 @@ def test_permuting_entries_permutes_memberships(op, data):
 
 @pytest.mark.parametrize("op", SELECTIONS)
 @given(data=st.data())
+@pytest.mark.slow
 def test_positive_power_of_two_scaling_leaves_memberships_unchanged(op, data):
     scores, selection, epsilon = draw_case(data, op)
     factor = 2.0 ** data.draw(st.integers(-20, 20).filter(bool), label="log2(factor)")
@@ -398,6 +401,7 @@ def test_shifting_scores_leaves_memberships_unchanged(op, data):
 
 @pytest.mark.parametrize("op", SELECTIONS)
 @given(data=st.data())
+@pytest.mark.slow
 def test_negating_scores_swaps_top_and_bottom(op, data):
     """soft_topk_mask(-x, k) = 1 - soft_topk_mask(x, n - k) (the bottom-k mask of x);
     soft_quantile_masks(-x, q)[..., j] = soft_quantile_masks(x, 1 - reversed(q))[..., m-1-j];
@@ -502,6 +506,7 @@ def test_rank_sum_and_sort_sum_are_preserved(data):
 
 
 @given(data=st.data())
+@pytest.mark.slow
 def test_sort_and_rank_are_monotone_and_tie_consistent(data):
     scores = data.draw(gen.scores(min_length=2), label="scores")
     epsilon = data.draw(gen.epsilons(scores.dtype), label="epsilon")
@@ -527,6 +532,7 @@ def test_sort_and_rank_are_monotone_and_tie_consistent(data):
 
 
 @given(data=st.data())
+@pytest.mark.slow
 def test_sort_and_rank_symmetries(data):
     """Permutation: soft_sort invariant, soft_rank permuted. Negation: soft_sort(-x) =
     -reverse(soft_sort(x)), soft_rank(-x) = n - 1 - soft_rank(x). Power-of-two scaling c:
@@ -575,6 +581,7 @@ def test_sort_and_rank_symmetries(data):
 
 
 @given(data=st.data())
+@pytest.mark.slow
 def test_sort_and_rank_converge_to_the_hard_sort(data):
     """Entries whose quantile levels are >= HARD_GAP epsilon from both sorted neighbours get
     their hard rank, and their sorted position the hard sorted value."""
@@ -645,6 +652,7 @@ def gradient(op: str, x: tf.Tensor, epsilon, seed: int):
 
 @pytest.mark.parametrize("op", tuple(DIFFERENTIABLE))
 @given(data=st.data())
+@pytest.mark.slow
 def test_gradients_are_finite(op, data):
     # Known limit: soft_sort and soft_quantile weigh the scores themselves, so the gradient
     # reaching their memberships is about |x| / epsilon, which overflows float32 for scores

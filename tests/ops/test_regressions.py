@@ -105,6 +105,7 @@ OUTLIER_ROW = [[-1e6, 0.0236, 0.1463, 0.0278, -0.0248, -0.1425, -0.0191, -0.0020
 
 @pytest.mark.parametrize("op", ["soft_sort", "soft_rank"])
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.slow
 def test_outlier_row_is_finite_in_float32_graphs(op, jit_compile):
     function = getattr(ops, op)
     x32 = tf.constant(OUTLIER_ROW, tf.float32)

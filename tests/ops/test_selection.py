@@ -188,6 +188,7 @@ class TestQuantileMasks:
 
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+    @pytest.mark.slow
     def test_eager_function_and_xla_agree(self, mode, dtype):
         x = tf.constant(np.random.default_rng(11).standard_normal((3, 100)), dtype)
         expected = ops.soft_quantile_masks(x, epsilon=1e-3)
@@ -197,6 +198,7 @@ class TestQuantileMasks:
         atol = 1e-12 if dtype == tf.float64 else 5e-5
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=atol)
 
+    @pytest.mark.slow
     def test_xla_gradient_matches_eager(self):
         x = tf.constant(np.random.default_rng(12).standard_normal((2, 50)))
 

@@ -567,6 +567,7 @@ def compiled():
 
 class TestCompilation:
     @pytest.mark.parametrize("mode", ["function", "xla"])
+    @pytest.mark.slow
     def test_matches_eager(self, compiled, mode):
         rng = np.random.default_rng(16)
         x = tf.constant(rng.normal(size=GRAPH_SHAPE))
