@@ -87,7 +87,7 @@ def median_ms(fn, *args, repeats: int) -> float:
 
 
 def memory_probe(size: str, what: str, epsilon: float, xla: bool) -> float:
-    """Runs in a subprocess: peak allocator memory (MB) of one call, above its inputs."""
+    """Runs in a subprocess: peak allocator memory (MiB) of one call, above its inputs."""
     batch, n = parse_size(size)
     x, w = make_inputs(batch, n)
     _, forward, forward_backward = build_functions(epsilon)
@@ -155,7 +155,7 @@ def measure(size: str, epsilon: float, repeats: int, memory: bool) -> dict:
 def format_table(rows: list[dict], epsilon: float) -> str:
     header = (
         "| batch x n | tf.sort graph / XLA (ms) | soft fwd+bwd graph / XLA (ms) | ratio | target "
-        "| sharpness | mass error | Newton steps | peak MB fwd / fwd+bwd |\n"
+        "| sharpness | mass error | Newton steps | peak MiB fwd / fwd+bwd |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]

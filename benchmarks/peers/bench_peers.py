@@ -893,7 +893,7 @@ def render_markdown(rows: list[dict], path: Path, meta: dict) -> None:
         lines += [
             "## Floor: hard tf.sort (forward only, own process)",
             "",
-            "| B x n | graph / XLA (ms) | peak MB |",
+            "| B x n | graph / XLA (ms) | peak MiB |",
             "|---|---|---|",
         ]
         for size, r in sort_rows.items():
@@ -910,7 +910,7 @@ def render_markdown(rows: list[dict], path: Path, meta: dict) -> None:
         lines += [
             f"## {title}",
             "",
-            "| B x n | method | knob | MAD | time ms | x sort | peak MB | sum err | finite | cos "
+            "| B x n | method | knob | MAD | time ms | x sort | peak MiB | sum err | finite | cos "
             "| status / notes |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
