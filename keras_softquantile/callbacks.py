@@ -226,6 +226,8 @@ class SelectionMonitor(keras.callbacks.Callback):
         self.image_width = _count(image_width, "image_width", minimum=240)
         self.image_height = _count(image_height, "image_height", minimum=160)
         self._writer = None
+        self._last_epoch = None
+        self._started = False  # the first epoch of this `fit` has begun
         self._pending_step = None  # the step of the snapshot before training, until taken
 
     def on_train_begin(self, logs=None) -> None:
