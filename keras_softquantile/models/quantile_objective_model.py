@@ -799,7 +799,7 @@ class QuantileObjectiveModel(keras.Model):
 
     # ----------------------------------------------------------------- config
 
-    def save(self, filepath, overwrite: bool = True, zipped: bool | None = None, **kwargs) -> None:
+    def save(self, filepath, *args, **kwargs) -> None:
         """Saves the model as a `.keras` file (see `keras.Model.save`).
 
         Raises:
@@ -808,7 +808,7 @@ class QuantileObjectiveModel(keras.Model):
                 `keras.saving.register_keras_serializable`: the file could not be loaded.
         """
         objectives.serialize(self.objective)
-        super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+        super().save(filepath, *args, **kwargs)
 
     def get_config(self) -> dict:
         config = {
