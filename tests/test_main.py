@@ -340,7 +340,8 @@ def test_the_log_filter_forwards_everything_else(capfd):
     with _tensorflow_logs.native_log_lines_hidden(3):
         os.write(2, b"I0000 00:00:1796023749.936402   24746 port.cc:153] oneDNN is on.\n")
         os.write(2, b"a line of ours\n")
-        print("a Python warning", file=sys.stderr)
+        sys.stderr.write("a Python warning\n")  # one write: whole lines cannot interleave
+        sys.stderr.flush()
         os.write(2, b"the last line, unterminated")
     os.write(2, b"\nafter\n")
     err = capfd.readouterr().err
