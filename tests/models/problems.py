@@ -1,5 +1,6 @@
 """Generated problems with a planted theta*: A = B @ theta* + noise."""
 
+import keras
 import numpy as np
 
 
@@ -18,3 +19,15 @@ def hard_spread(A, B, theta, quantile=0.25):
     k = int(np.floor(quantile * A.shape[-1] + 1e-9))
     ordered = np.take_along_axis(A, np.argsort(scores, axis=-1, kind="stable"), axis=-1)
     return float(np.mean(ordered[:, :k].mean(-1) - ordered[:, -k:].mean(-1)))
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops `fit` at the start of epoch `epoch` by raising, as a lost worker would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from problems import Interrupt
 
 import keras_softquantile as ksq
 
@@ -304,16 +305,6 @@ class TestFloat64Input:
         assert 1e-11 < abs(metrics["hard_objective"]) < 1e-8  # float64 sees the differences
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 class TestPerturbedSeedState:
     @pytest.mark.slow
     @JIT
@@ -337,7 +328,7 @@ class TestPerturbedSeedState:
         backup = keras.callbacks.BackupAndRestore(os.path.join(tmp_path, "backup"))
         interrupted = new_model()
         with pytest.raises(RuntimeError, match="interrupted"):
-            fit(interrupted, [backup, _Interrupt(2)])
+            fit(interrupted, [backup, Interrupt(2)])
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(interrupted.perturbation_seed)[1],
             4,  # 2 epochs x 2 steps

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from problems import planted_problem
+from problems import Interrupt, planted_problem
 
 import keras_softquantile as ksq
 
@@ -97,16 +97,6 @@ class TestKerasRoundTrip:
         assert loaded.objective_function is low_tail_spread
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 class TestBackupAndRestore:
     @pytest.mark.slow
     def test_resumed_fit_ends_with_the_same_theta(self, tmp_path):
@@ -135,7 +125,7 @@ class TestBackupAndRestore:
                 epochs=4,
                 verbose=0,
                 shuffle=False,
-                callbacks=[backup, anneal(), _Interrupt(2)],
+                callbacks=[backup, anneal(), Interrupt(2)],
             )
         halfway = keras.ops.convert_to_numpy(interrupted.theta).copy()
 
