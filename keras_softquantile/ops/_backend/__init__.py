@@ -1,0 +1,79 @@
+"""What `keras.ops` cannot say, once per Keras backend, chosen at import.
+
+Everything else in `keras_softquantile.ops` is written on `keras.ops`. This package holds only:
+
+* `values_available(*tensors)`: whether Python can read the tensors' values now (eager
+  execution), so that a broken promise raises; otherwise the ops assert in TensorFlow graphs
+  (`assert_that`, `with_dependencies`) and put NaN in the offending rows (under XLA and
+  `jax.jit`, where nothing can raise).
+* `compiled_stage(function)`: a solver stage compiled where that is measured to pay (XLA
+  clusters inside TensorFlow graphs; elsewhere the function itself, compiled with the caller's
+  `jax.jit` or run eagerly by PyTorch).
+* `custom_gradient(function)`: a hand-written backward pass, with several outputs, that
+  refuses to be differentiated a second time.
+* `searchsorted(sorted_rows, values, side)`: a batched search along the last axis.
+* `accurate_sum(x, axis, keepdims)`: sums of float32 terms accumulated in float64 (or, on
+  JAX without `jax_enable_x64`, in blocks), so 1e6 memberships add up within 1e-7.
+* `float64_available()`: whether float64 tensors can be made (JAX needs `jax_enable_x64`).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
+
+NAME = keras.backend.backend()
+
+if NAME == "tensorflow":
+    from keras_softquantile.ops._backend._tensorflow import (
+        accurate_sum,
+        assert_that,
+        compiled_stage,
+        custom_gradient,
+        float64_available,
+        searchsorted,
+        values_available,
+        with_dependencies,
+    )
+elif NAME == "jax":
+    from keras_softquantile.ops._backend._jax import (
+        accurate_sum,
+        assert_that,
+        compiled_stage,
+        custom_gradient,
+        float64_available,
+        searchsorted,
+        values_available,
+        with_dependencies,
+    )
+elif NAME == "torch":
+    from keras_softquantile.ops._backend._torch import (
+        accurate_sum,
+        assert_that,
+        compiled_stage,
+        custom_gradient,
+        float64_available,
+        searchsorted,
+        values_available,
+        with_dependencies,
+    )
+else:
+    raise ImportError(
+        "keras_softquantile runs on the Keras backends 'tensorflow', 'jax' and 'torch' (its "
+        "ops need gradients). Set KERAS_BACKEND to one of them. "
+        f"Received: keras.backend.backend()={NAME!r}"
+    )
+
+__all__ = [
+    "NAME",
+    "SECOND_ORDER_MESSAGE",
+    "accurate_sum",
+    "assert_that",
+    "compiled_stage",
+    "custom_gradient",
+    "float64_available",
+    "searchsorted",
+    "values_available",
+    "with_dependencies",
+]

@@ -1,0 +1,84 @@
+"""The JAX backend: tracers cannot raise (NaN rows instead), `jax.custom_gradient`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE, blockwise_sum
+
+
+def values_available(*tensors) -> bool:
+    """Whether every tensor is concrete (not a tracer inside `jax.jit` or a gradient)."""
+    return not any(isinstance(t, jax.core.Tracer) for t in tensors)
+
+
+def assert_that(condition, data: list) -> list:
+    """JAX has no graph assertions: traced checks fall back to NaN rows."""
+    return []
+
+
+def with_dependencies(x, assertions: list):
+    return x
+
+
+def compiled_stage(function):
+    """`function` itself: `jax.jit` (Keras's `jit_compile=True`, the default on JAX) compiles
+    the whole computation around it, and `keras.ops.while_loop` is already a compiled loop."""
+    return function
+
+
+@jax.custom_vjp
+def _first_order_only(values):
+    return values
+
+
+def _first_order_forward(values):
+    return values, None
+
+
+def _first_order_backward(_, cotangent):
+    raise NotImplementedError(SECOND_ORDER_MESSAGE)
+
+
+_first_order_only.defvjp(_first_order_forward, _first_order_backward)
+
+
+def custom_gradient(function):
+    """`function(*inputs) -> (outputs, backward)`, differentiated by `backward(*upstream)`.
+
+    `outputs` is a tuple; `backward` gets one upstream gradient per output and returns one
+    gradient per input. Differentiating the gradient again raises `NotImplementedError`.
+    """
+
+    @jax.custom_gradient
+    def wrapped(*inputs):
+        outputs, backward = function(*inputs)
+
+        def vjp(upstream):
+            grads = backward(*upstream)
+            return tuple(_first_order_only(tuple(grads)))
+
+        return tuple(outputs), vjp
+
+    return wrapped
+
+
+def searchsorted(sorted_rows, values, side: str = "left"):
+    """`[rows, k]` int32 insertion indices of `values` `[rows, k]` in `sorted_rows` `[rows, n]`."""
+    search = jax.vmap(lambda row, v: jnp.searchsorted(row, v, side=side))
+    return search(sorted_rows, values).astype(jnp.int32)
+
+
+def float64_available() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def accurate_sum(x, axis: int, keepdims: bool = False):
+    """Sum along `axis`; float32 accumulated in float64 where `jax_enable_x64` is on, in
+    blocks otherwise (XLA's CPU reductions add sequentially)."""
+    if x.dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
+        if float64_available():
+            return jnp.sum(x.astype(jnp.float64), axis=axis, keepdims=keepdims).astype(x.dtype)
+        return blockwise_sum(x.astype(jnp.float32), axis, keepdims).astype(x.dtype)
+    return jnp.sum(x, axis=axis, keepdims=keepdims)
