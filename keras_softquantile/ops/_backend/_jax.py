@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE, blockwise_sum
 
@@ -23,9 +24,41 @@ def with_dependencies(x, assertions: list):
 
 
 def compiled_stage(function):
-    """`function` itself: `jax.jit` (Keras's `jit_compile=True`, the default on JAX) compiles
-    the whole computation around it, and `keras.ops.while_loop` is already a compiled loop."""
-    return function
+    """`function`, compiled with `jax.jit` when called on concrete arrays.
+
+    Inside a trace (the caller's `jax.jit`, which Keras's `jit_compile=True` uses, or a
+    gradient) it is the function itself: the whole computation is compiled around it. Called
+    eagerly, its array arguments become the compiled function's inputs and everything else
+    (Python ints and floats such as `m` or the tolerance) is static; one compilation per
+    combination, cached. Without this, an eager call re-traced the solver loop's body each time
+    (2.3 s per call of a 4 x 1000 problem instead of milliseconds).
+    """
+    cache = {}
+
+    def dispatch(*args):
+        leaves, structure = jax.tree_util.tree_flatten(args)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return function(*args)
+        is_array = [isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves]
+        static = tuple(
+            None if array else leaf for leaf, array in zip(leaves, is_array, strict=True)
+        )
+        key = (structure, static, tuple(is_array))
+        compiled = cache.get(key)
+        if compiled is None:
+
+            def rebuilt(*arrays):
+                remaining = iter(arrays)
+                filled = [
+                    next(remaining) if array else leaf
+                    for leaf, array in zip(static, is_array, strict=True)
+                ]
+                return function(*jax.tree_util.tree_unflatten(structure, filled))
+
+            compiled = cache[key] = jax.jit(rebuilt)
+        return compiled(*(leaf for leaf, array in zip(leaves, is_array, strict=True) if array))
+
+    return dispatch
 
 
 @jax.custom_vjp
