@@ -18,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import keras
 import pytest
 
 import keras_softquantile
@@ -237,6 +238,16 @@ def test_search_works_offline(site):
     assert {"theory/", "why-zero-gradient/", "api/ops/"} <= locations
 
 
+def _other_backend(module_name: str) -> bool:
+    """Whether `module_name` is the `ops._backend` module of a Keras backend other than the
+    active one (it imports that framework, which need not be installed)."""
+    prefix = "keras_softquantile.ops._backend._"
+    if not module_name.startswith(prefix):
+        return False
+    backend = module_name[len(prefix) :]
+    return backend in ("tensorflow", "jax", "torch") and backend != keras.backend.backend()
+
+
 def _constants(*, public: bool) -> dict[str, object]:
     """`module.NAME -> value` for the constants with a literal value that the package's modules
     define (with `public`, only those of modules without a `_` in their dotted name)."""
@@ -245,7 +256,7 @@ def _constants(*, public: bool) -> dict[str, object]:
     names += [
         info.name
         for info in pkgutil.walk_packages(keras_softquantile.__path__, "keras_softquantile.")
-        if info.name != "keras_softquantile.__main__"
+        if info.name != "keras_softquantile.__main__" and not _other_backend(info.name)
     ]
     for module_name in names:
         if public and any(part.startswith("_") for part in module_name.split(".")):
