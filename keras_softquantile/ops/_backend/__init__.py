@@ -19,51 +19,30 @@ Everything else in `keras_softquantile.ops` is written on `keras.ops`. This pack
 
 from __future__ import annotations
 
+import importlib
+
 import keras
 
 from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
 
 NAME = keras.backend.backend()
 
-if NAME == "tensorflow":
-    from keras_softquantile.ops._backend._tensorflow import (
-        accurate_sum,
-        assert_that,
-        compiled_stage,
-        custom_gradient,
-        float64_available,
-        searchsorted,
-        values_available,
-        with_dependencies,
-    )
-elif NAME == "jax":
-    from keras_softquantile.ops._backend._jax import (
-        accurate_sum,
-        assert_that,
-        compiled_stage,
-        custom_gradient,
-        float64_available,
-        searchsorted,
-        values_available,
-        with_dependencies,
-    )
-elif NAME == "torch":
-    from keras_softquantile.ops._backend._torch import (
-        accurate_sum,
-        assert_that,
-        compiled_stage,
-        custom_gradient,
-        float64_available,
-        searchsorted,
-        values_available,
-        with_dependencies,
-    )
-else:
+if NAME not in ("tensorflow", "jax", "torch"):
     raise ImportError(
         "keras_softquantile runs on the Keras backends 'tensorflow', 'jax' and 'torch' (its "
         "ops need gradients). Set KERAS_BACKEND to one of them. "
         f"Received: keras.backend.backend()={NAME!r}"
     )
+
+_implementation = importlib.import_module(f"{__name__}._{NAME}")
+accurate_sum = _implementation.accurate_sum
+assert_that = _implementation.assert_that
+compiled_stage = _implementation.compiled_stage
+custom_gradient = _implementation.custom_gradient
+float64_available = _implementation.float64_available
+searchsorted = _implementation.searchsorted
+values_available = _implementation.values_available
+with_dependencies = _implementation.with_dependencies
 
 __all__ = [
     "NAME",
