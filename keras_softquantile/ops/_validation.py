@@ -1,15 +1,21 @@
-"""Argument checks shared by the public ops.
+"""Argument checks and argument rules shared by the public ops, layers and model.
 
 Every public op validates its inputs once, at its boundary, through these helpers, so that a
 bad argument fails with a `ValueError`/`TypeError` that names the argument and echoes the value
 received (Keras style: the message ends with `Received: name=value`), never with an opaque
-TensorFlow traceback.
+backend traceback. The helpers take and return the active Keras backend's tensors (and accept
+numpy arrays and nested lists); dtypes are given and returned as strings ("float32").
+
+This module is also the one home of the rules the package states in several places: the
+default `epsilon`, the solver names, the outputs of a split, the hard split size
+`floor(quantile * n)` and the smallest usable `epsilon` of a dtype.
 
 Checks that depend on run-time values (dynamic shapes inside `tf.function`, a tensor `epsilon`)
-are graph assertions. The helpers return the checked tensor passed through an identity that
-depends on the assertion: use the returned tensor in place of the argument, so that the
-assertion runs before any op that could fail on the bad input with a less helpful message.
-XLA drops assertions; for those checks a boolean "ok" tensor is available (`check_same_shape`,
+raise when the values can be read (eager execution), and are otherwise TensorFlow graph
+assertions. The helpers return the checked tensor passed through an identity that depends on
+the assertion: use the returned tensor in place of the argument, so that the assertion runs
+before any op that could fail on the bad input with a less helpful message. XLA and `jax.jit`
+cannot raise; for those checks a boolean "ok" tensor is available (`check_same_shape`,
 `epsilon_ok`) so that the caller can turn its output into NaN instead of a plausible number.
 """
 
@@ -19,18 +25,39 @@ import itertools
 import math
 import numbers
 import reprlib
+import sys
 from collections.abc import Sequence
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from keras_softquantile.ops import _backend
 
 __all__: list[str] = []
 
-_SOLVERS = ("auto", "newton", "sinkhorn")
+DEFAULT_EPSILON = 1e-2
+"""The default smoothing `epsilon` of the soft ops: the width, in quantile-level units (the
+scores are squashed per row, so it does not depend on their scale), of each soft bucket
+boundary."""
+
+SOLVERS = ("auto", "newton", "sinkhorn")
+"""The transport solvers an op, layer or model accepts as `solver`."""
+
+SPLIT_OUTPUTS = ("weights", "mean", "sorted")
+"""What a lower/upper split returns (`output`): the soft bucket weights, the weighted means of
+the values, or the values in each bucket in score order."""
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The floating-point dtypes accepted for scores and values."""
 
 # Machine epsilons between `epsilon` and the smallest usable smoothing: below about this many
 # ulps of 1, `1 / epsilon` and the memberships' logits lose all precision (NaN memberships).
 EPSILON_ULPS = 8
+
+# Added to `quantile * n` before the floor, so that a product that rounds just below an
+# integer (0.29 * 100 = 28.999999999999996) still counts that entry.
+_SPLIT_SLACK = 1e-9
 
 _repr = reprlib.Repr()
 _repr.maxlist = _repr.maxtuple = 8
@@ -45,28 +72,86 @@ def _short(value) -> str:
     return _repr.repr(value)
 
 
-def _with_dependency(tensor: tf.Tensor, assertions: list) -> tf.Tensor:
-    """`tensor` through an identity that runs only after `assertions` (no-op when empty)."""
-    if not assertions:
-        return tensor
-    with tf.control_dependencies(assertions):
-        return tf.identity(tensor)
+def _dtype_name(dtype) -> str:
+    """A dtype (string, numpy, or any backend's) as Keras's standard name, e.g. "float32"."""
+    try:
+        return keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError):  # dtypes Keras does not know (strings, resources)
+        return str(getattr(dtype, "name", dtype))
 
 
-def float_tensor(x, name: str) -> tf.Tensor:
+def _is_tensor(x) -> bool:
+    """Whether `x` is a tensor of the active backend (a tracer included) or a Keras variable."""
+    return isinstance(x, keras.Variable) or ops.is_tensor(x)
+
+
+def _not_dense(x) -> bool:
+    """Whether `x` is a ragged or sparse tensor of an imported framework.
+
+    Looked up in `sys.modules` rather than imported: an object can only be one of these types
+    if its framework is loaded already.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(x, tf.RaggedTensor | tf.SparseTensor):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        return True
+    sparse = sys.modules.get("jax.experimental.sparse")
+    return sparse is not None and isinstance(x, sparse.JAXSparse)
+
+
+def _static_shape(x) -> tuple | None:
+    """The static shape of `x` as a tuple (None for unknown dimensions), or None when even
+    the rank is unknown (possible only for TensorFlow graph tensors)."""
+    try:
+        return tuple(x.shape)
+    except ValueError:  # TensorFlow: "Cannot take the length of shape with unknown rank"
+        return None
+
+
+def _shape_text(x) -> str:
+    shape = _static_shape(x)
+    return "<unknown>" if shape is None else str(shape)
+
+
+def _fully_defined(shape: tuple | None) -> bool:
+    return shape is not None and all(d is not None for d in shape)
+
+
+def _compatible(a: tuple | None, b: tuple | None) -> bool:
+    """Whether static shapes may describe the same tensor (unknown parts match anything)."""
+    if a is None or b is None:
+        return True
+    if len(a) != len(b):
+        return False
+    return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
+
+def _shape_vector(x):
+    """The run-time shape of `x` (of known rank) as a 1-D int32 tensor, for messages."""
+    return ops.stack([ops.cast(d, "int32") for d in ops.shape(x)])
+
+
+def float_tensor(x, name: str):
     """Converts `x` to a floating-point tensor of rank >= 1, or raises naming `name`.
+
+    Accepts the active backend's tensors and `keras.Variable`s (kept as they are, so they stay
+    differentiable and traceable), numpy arrays and (nested) lists of floats. Arrays and lists
+    keep their own precision: a list of Python floats is float64 (float32 on JAX without
+    `jax_enable_x64`).
 
     Raises:
         TypeError: `x` is not numeric, not floating-point, or a ragged/sparse tensor.
         ValueError: `x` is a ragged nested list (rows of different lengths), or a scalar.
     """
-    if isinstance(x, tf.RaggedTensor | tf.SparseTensor):
+    if _not_dense(x):
         raise TypeError(
             f"`{name}` must be a dense tensor (pad ragged rows and pass a `mask`). "
             f"Received: {name} of type {type(x).__name__}"
         )
-    if isinstance(x, tf.Tensor | tf.Variable):
-        tensor = tf.convert_to_tensor(x)
+    if _is_tensor(x):
+        tensor = ops.convert_to_tensor(x)
     else:
         try:
             array = np.asarray(x)
@@ -78,21 +163,22 @@ def float_tensor(x, name: str) -> tf.Tensor:
             ) from None
         if array.dtype == object:
             raise TypeError(f"`{name}` must be a numeric tensor. Received: {name}={_short(x)}")
-        if not np.issubdtype(array.dtype, np.floating):
+        if _dtype_name(array.dtype) not in FLOAT_DTYPES:
             raise TypeError(
                 f"`{name}` must be a floating-point tensor (float16, bfloat16, float32 or "
                 f"float64). Received: {name}.dtype={array.dtype}"
             )
-        tensor = tf.convert_to_tensor(array)
-    if not tensor.dtype.is_floating:
+        tensor = ops.convert_to_tensor(array)
+    dtype = _dtype_name(tensor.dtype)
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"`{name}` must be a floating-point tensor (float16, bfloat16, float32 or "
-            f"float64). Received: {name}.dtype={tensor.dtype.name}"
+            f"float64). Received: {name}.dtype={dtype}"
         )
-    if tensor.shape.rank == 0:
+    if _static_shape(tensor) == ():
         raise ValueError(
             f"`{name}` must have at least one dimension (the axis to select along). "
-            f"Received: {name}.shape={tensor.shape}"
+            f"Received: {name}.shape=()"
         )
     return tensor
 
@@ -104,13 +190,14 @@ def _empty_axis_message(name: str) -> str:
     )
 
 
-def check_axis_length(x: tf.Tensor, axis: int, name: str = "scores") -> tf.Tensor:
+def check_axis_length(x, axis: int, name: str = "scores"):
     """Requires at least one entry along `axis` of `x` and returns `x`.
 
     A statically empty axis is a `ValueError` naming `name` and echoing the shape. A dynamic
     length (inside `tf.function`) is checked by a graph assertion (an `InvalidArgumentError`
     with the same message); the returned tensor depends on it. Under XLA the assertion is
     dropped, but an empty axis then gives an empty output, so nothing plausible is returned.
+    (JAX and PyTorch shapes are always static.)
 
     Args:
         x: the tensor, of known rank.
@@ -123,21 +210,28 @@ def check_axis_length(x: tf.Tensor, axis: int, name: str = "scores") -> tf.Tenso
     n = x.shape[axis]
     if n == 0:
         raise ValueError(
-            f"{_empty_axis_message(name)} Received: {name}.shape={x.shape}, axis={axis}"
+            f"{_empty_axis_message(name)} Received: {name}.shape={_shape_text(x)}, axis={axis}"
         )
-    if n is not None or tf.executing_eagerly():
+    if n is not None or _backend.values_available(x):
         return x
-    shape = tf.shape(x)
-    assertion = tf.debugging.Assert(
-        shape[axis] > 0,
-        [f"{_empty_axis_message(name)} Received: {name}.shape=", shape, f"axis={axis}"],
+    assertions = _backend.assert_that(
+        ops.shape(x)[axis] > 0,
+        [f"{_empty_axis_message(name)} Received: {name}.shape=", _shape_vector(x), f"axis={axis}"],
     )
-    return _with_dependency(x, [assertion])
+    return _backend.with_dependencies(x, assertions)
 
 
-def compute_dtype(dtype: tf.DType) -> tf.DType:
-    """The dtype the transport is solved in: float32 for half precision, else `dtype`."""
-    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+def compute_dtype(dtype) -> str:
+    """The dtype the transport is solved in: "float32" for half precision, else `dtype`.
+
+    Args:
+        dtype: a dtype string or any backend's dtype.
+
+    Returns:
+        The dtype's standard name.
+    """
+    dtype = _dtype_name(dtype)
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
 def normalize_axis(axis: int, rank: int, name: str = "axis") -> int:
@@ -151,7 +245,7 @@ def normalize_axis(axis: int, rank: int, name: str = "axis") -> int:
     return int(axis) % rank
 
 
-def epsilon_minimum(dtype: tf.DType | str) -> float:
+def epsilon_minimum(dtype) -> float:
     """The smallest accepted `epsilon` for scores of `dtype`: 8 machine epsilons.
 
     Measured on the compute dtype (`compute_dtype`: float32 for half precision), so about
@@ -161,29 +255,32 @@ def epsilon_minimum(dtype: tf.DType | str) -> float:
     minimum still follows the scores' compute dtype.)
 
     Args:
-        dtype: the scores' dtype (or its compute dtype).
+        dtype: the scores' dtype (or its compute dtype), a string or any backend's dtype.
 
     Returns:
         The minimum as a Python float (an exact power of two).
     """
-    dtype = compute_dtype(tf.as_dtype(dtype))
-    return EPSILON_ULPS * float(np.finfo(dtype.as_numpy_dtype).eps)
+    return EPSILON_ULPS * float(np.finfo(compute_dtype(dtype)).eps)
 
 
-def epsilon_too_small_message(dtype: tf.DType) -> str:
-    """The message for an `epsilon` below `epsilon_minimum(dtype)` (without `Received:`)."""
+def epsilon_too_small_message(dtype) -> str:
+    """The message for an `epsilon` below `epsilon_minimum(dtype)` (without `Received:`).
+
+    Names the compute dtype of `dtype` (float32 for half precision).
+    """
+    dtype = compute_dtype(dtype)
     minimum = epsilon_minimum(dtype)
-    hint = "" if dtype == tf.float64 else " Use float64 scores for a sharper selection."
+    hint = "" if dtype == "float64" else " Use float64 scores for a sharper selection."
     return (
-        f"`epsilon` is too small for {dtype.name} computations: it must be >= {minimum:.4g} "
-        f"(8 x the {dtype.name} machine epsilon), or the memberships underflow to NaN.{hint}"
+        f"`epsilon` is too small for {dtype} computations: it must be >= {minimum:.4g} "
+        f"(8 x the {dtype} machine epsilon), or the memberships underflow to NaN.{hint}"
     )
 
 
-def epsilon_ok(eps_tensor, dtype: tf.DType) -> tf.Tensor:
+def epsilon_ok(eps_tensor, dtype):
     """Whether `epsilon` is usable: a scalar bool tensor, finite and >= `epsilon_minimum`.
 
-    Works under XLA (where `check_epsilon`'s graph assertions are dropped), so that the caller
+    Works under XLA and `jax.jit` (where `check_epsilon` cannot raise), so that the caller
     can put NaN in its output when it is False, e.g. for a negative or underflowing tensor
     epsilon.
 
@@ -194,20 +291,35 @@ def epsilon_ok(eps_tensor, dtype: tf.DType) -> tf.Tensor:
     Returns:
         A scalar boolean tensor.
     """
-    dtype = compute_dtype(tf.as_dtype(dtype))
-    eps = tf.cast(tf.reshape(tf.convert_to_tensor(eps_tensor), []), dtype)
-    minimum = tf.constant(epsilon_minimum(dtype), dtype)
-    return tf.logical_and(tf.math.is_finite(eps), eps >= minimum)
+    dtype = compute_dtype(dtype)
+    eps = ops.cast(ops.reshape(ops.convert_to_tensor(eps_tensor), ()), dtype)
+    minimum = ops.convert_to_tensor(epsilon_minimum(dtype), dtype)
+    return ops.logical_and(ops.isfinite(eps), ops.greater_equal(eps, minimum))
 
 
-def check_epsilon(epsilon, dtype: tf.DType) -> tf.Tensor:
-    """Validates `epsilon` and returns it as a scalar tensor of `dtype`.
+def check_positive(value, name: str) -> float:
+    """A real number that is finite and > 0 (a smoothing, a noise scale), as a Python float.
+
+    Raises:
+        TypeError: `value` is not a real number (bools and None included).
+        ValueError: `value` is not finite, or not > 0.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a positive float. Received: {name}={value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_epsilon(epsilon, dtype):
+    """Validates `epsilon` and returns it as a scalar tensor of `dtype`'s compute dtype.
 
     `epsilon` may be a Python number or a scalar tensor/variable (a layer's annealed epsilon).
     It must be finite, > 0 and >= `epsilon_minimum(dtype)` (8 machine epsilons of the compute
-    dtype: about 9.5e-7 in float32, 1.8e-15 in float64). Numbers and eager tensors are checked
-    here (`ValueError`); in a graph, by assertions (`InvalidArgumentError` with the same
-    messages) on which the returned tensor depends. XLA drops the assertions: see `epsilon_ok`.
+    dtype: about 9.5e-7 in float32, 1.8e-15 in float64). Numbers, and tensors whose values can
+    be read (eager execution), are checked here (`ValueError`); inside a traced function, by
+    assertions on which the returned tensor depends (tf.function: an `InvalidArgumentError`
+    with the same messages). XLA and `jax.jit` cannot raise: see `epsilon_ok`.
 
     Args:
         epsilon: a positive float, or a scalar floating-point tensor.
@@ -216,65 +328,75 @@ def check_epsilon(epsilon, dtype: tf.DType) -> tf.Tensor:
     Returns:
         `epsilon` as a scalar tensor of `dtype`.
     """
-    dtype = compute_dtype(tf.as_dtype(dtype))
+    dtype = compute_dtype(dtype)
     minimum = epsilon_minimum(dtype)
     if isinstance(epsilon, bool | np.bool_) or epsilon is None:
         raise TypeError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
     if isinstance(epsilon, numbers.Real):
-        value = float(epsilon)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"`epsilon` must be a finite number > 0. Received: epsilon={epsilon!r}"
-            )
+        value = check_positive(epsilon, "epsilon")
         if value < minimum:
             raise ValueError(f"{epsilon_too_small_message(dtype)} Received: epsilon={epsilon!r}")
-        return tf.constant(value, dtype)
+        return ops.convert_to_tensor(value, dtype)
     if isinstance(epsilon, str | bytes):
         raise TypeError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
     try:
-        tensor = tf.convert_to_tensor(epsilon)
+        tensor = ops.convert_to_tensor(epsilon)
     except (TypeError, ValueError):
         raise TypeError(
             f"`epsilon` must be a positive float or a scalar float tensor. "
             f"Received: epsilon={_short(epsilon)}"
         ) from None
-    if not tensor.dtype.is_floating:
+    received_dtype = _dtype_name(tensor.dtype)
+    if received_dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"`epsilon` must be a positive float. Received: epsilon.dtype={tensor.dtype.name}"
+            f"`epsilon` must be a positive float. Received: epsilon.dtype={received_dtype}"
         )
-    if tensor.shape.rank not in (0, None):
-        raise ValueError(f"`epsilon` must be a scalar. Received: epsilon.shape={tensor.shape}")
-    original = tf.reshape(tensor, [])
-    cast = tf.cast(original, dtype)
-    if tf.executing_eagerly():
-        value = float(original)
-        if not (math.isfinite(value) and value > 0 and math.isfinite(float(cast))):
+    shape = _static_shape(tensor)
+    if shape not in ((), None):
+        raise ValueError(f"`epsilon` must be a scalar. Received: epsilon.shape={shape}")
+    original = ops.reshape(tensor, ())
+    cast = ops.cast(original, dtype)
+    if _backend.values_available(tensor):
+        # Read the value received, not `original` / `cast`: under `jax.jit` even operations on
+        # a concrete array give tracers.
+        received = np.asarray(ops.convert_to_numpy(tensor)).reshape(())
+        value = float(received)
+        used = float(received.astype(dtype))
+        if not (math.isfinite(value) and value > 0 and math.isfinite(used)):
             raise ValueError(f"`epsilon` must be a finite number > 0. Received: epsilon={value}")
-        if value < minimum or float(cast) < minimum:
+        if value < minimum or used < minimum:
             raise ValueError(f"{epsilon_too_small_message(dtype)} Received: epsilon={value}")
         return cast
     # Positivity on the value received, the minimum on the value the solver will use.
-    positive = tf.logical_and(
-        tf.logical_and(original > 0, tf.math.is_finite(original)), tf.math.is_finite(cast)
+    positive = ops.logical_and(
+        ops.logical_and(ops.greater(original, 0), ops.isfinite(original)), ops.isfinite(cast)
     )
-    large_enough = tf.logical_or(tf.logical_not(positive), cast >= tf.constant(minimum, dtype))
+    large_enough = ops.logical_or(
+        ops.logical_not(positive), ops.greater_equal(cast, ops.convert_to_tensor(minimum, dtype))
+    )
     assertions = [
-        tf.debugging.Assert(
+        *_backend.assert_that(
             positive, ["`epsilon` must be a finite number > 0. Received: epsilon=", original]
         ),
-        tf.debugging.Assert(
-            large_enough,
-            [f"{epsilon_too_small_message(dtype)} Received: epsilon=", original],
+        *_backend.assert_that(
+            large_enough, [f"{epsilon_too_small_message(dtype)} Received: epsilon=", original]
         ),
     ]
-    return _with_dependency(cast, assertions)
+    return _backend.with_dependencies(cast, assertions)
 
 
 def check_solver(solver: str) -> str:
-    """One of "auto", "newton", "sinkhorn", or a `ValueError`."""
-    if not isinstance(solver, str) or solver not in _SOLVERS:
-        raise ValueError(f"`solver` must be one of {_SOLVERS}. Received: solver={solver!r}")
+    """One of `SOLVERS` ("auto", "newton", "sinkhorn"), or a `ValueError`."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"`solver` must be one of {SOLVERS}. Received: solver={solver!r}")
     return solver
+
+
+def check_split_output(output: str) -> str:
+    """One of `SPLIT_OUTPUTS` ("weights", "mean", "sorted"), or a `ValueError`."""
+    if not isinstance(output, str) or output not in SPLIT_OUTPUTS:
+        raise ValueError(f"`output` must be one of {SPLIT_OUTPUTS}. Received: output={output!r}")
+    return output
 
 
 def _is_non_number(value) -> bool:
@@ -283,23 +405,26 @@ def _is_non_number(value) -> bool:
 
 
 def _real_levels(value, name: str, expected: str) -> tuple[tuple[float, ...], bool]:
-    """`value` (a number or a flat sequence/array of numbers) as floats; whether it was scalar.
+    """`value` (a number or a flat sequence/array/tensor of numbers) as floats; whether it was
+    scalar.
 
     Strings (even "0.5"), bools, None and complex numbers are a `TypeError`; nested or
-    ragged sequences a `ValueError`. Range checks (NaN included) are the caller's.
+    ragged sequences a `ValueError`; tensors whose values are not known when the op is called
+    (traced tensors) a `TypeError`. Range checks (NaN included) are the caller's.
     """
     received = f"Received: {name}={_short(value)}"
     if _is_non_number(value):
         raise TypeError(f"`{name}` must be {expected}. {received}")
     if isinstance(value, list | tuple) and any(_is_non_number(v) for v in value):
         raise TypeError(f"`{name}` must be {expected}; strings, bools and None are not. {received}")
-    if not isinstance(value, numbers.Real | Sequence | np.ndarray | tf.Tensor | tf.Variable):
+    tensor = _is_tensor(value)
+    if not (tensor or isinstance(value, numbers.Real | Sequence | np.ndarray)):
         raise TypeError(f"`{name}` must be {expected}. {received}")
     try:
-        array = np.asarray(value)
+        array = ops.convert_to_numpy(value) if tensor else np.asarray(value)
     except ValueError:
         raise ValueError(f"`{name}` must be {expected} (a flat list). {received}") from None
-    except (TypeError, NotImplementedError):  # symbolic tensors
+    except (TypeError, NotImplementedError, RuntimeError):  # traced tensors
         raise TypeError(
             f"`{name}` must be {expected}, known when the op is called (not a symbolic "
             f"tensor). {received}"
@@ -311,6 +436,8 @@ def _real_levels(value, name: str, expected: str) -> tuple[tuple[float, ...], bo
                 raise ValueError(f"`{name}` must be {expected} (a flat list). {received}")
             raise TypeError(f"`{name}` must be {expected}. {received}")
         array = array.astype(np.float64)
+    if _dtype_name(array.dtype) == "bfloat16":  # ml_dtypes' bfloat16 is not a numpy float
+        array = array.astype(np.float32)
     if array.dtype.kind not in "iuf":
         raise TypeError(f"`{name}` must be {expected}. {received}")
     if array.ndim > 1:
@@ -359,69 +486,82 @@ def check_probabilities(q, name: str = "q") -> tuple[tuple[float, ...], bool]:
     return levels, scalar
 
 
-def _shapes_equal(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """Scalar bool: `a` and `b` have the same run-time shape (ranks may differ)."""
-    shape_a, shape_b = tf.shape(a), tf.shape(b)
-    if a.shape.rank is not None and a.shape.rank == b.shape.rank:
-        return tf.reduce_all(tf.equal(shape_a, shape_b))
-    return tf.cond(
-        tf.equal(tf.size(shape_a), tf.size(shape_b)),
-        lambda: tf.reduce_all(tf.equal(shape_a, shape_b)),
-        lambda: tf.constant(False),
-    )
+def _shapes_equal(a, b):
+    """Scalar bool tensor: `a` and `b` (of the same known rank) have the same run-time shape."""
+    return ops.all(ops.equal(_shape_vector(a), _shape_vector(b)))
 
 
-def check_mask(mask, scores: tf.Tensor) -> tf.Tensor | None:
+def _require_rank(x, name: str, other) -> None:
+    """Inside a traced function, a tensor of unknown rank cannot be compared with `other`
+    using `keras.ops` (only TensorFlow graphs have such tensors): a `ValueError`."""
+    if _static_shape(x) is None:
+        raise ValueError(
+            f"`{name}` must have a known rank (that of the scores, {len(other.shape)}) "
+            f"inside a traced function. Received: {name}.shape=<unknown>"
+        )
+
+
+def check_mask(mask, scores):
     """Validates a boolean padding mask of the same shape as `scores`.
 
-    Static shapes are checked here (`ValueError`); dynamic ones by a graph assertion on which
-    the returned mask depends.
+    Static shapes are checked here (`ValueError`); dynamic ones (inside `tf.function`) by a
+    graph assertion on which the returned mask depends.
 
     Returns:
-        The mask as a boolean tensor, or None.
+        The mask as a boolean tensor of the active backend, or None.
     """
     if mask is None:
         return None
-    if isinstance(mask, tf.RaggedTensor | tf.SparseTensor):
+    if _not_dense(mask):
         raise TypeError(
             f"`mask` must be a dense boolean tensor. Received: mask of type {type(mask).__name__}"
         )
-    try:
-        mask = tf.convert_to_tensor(mask)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`mask` must be a rectangular boolean tensor like the scores. "
-            f"Received: mask={_short(mask)}"
-        ) from None
-    if mask.dtype != tf.bool:
+    if not _is_tensor(mask):
+        try:
+            array = np.asarray(mask)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.dtype == object:
+            raise ValueError(
+                f"`mask` must be a rectangular boolean tensor like the scores. "
+                f"Received: mask={_short(mask)}"
+            )
+        if array.dtype != bool:
+            raise TypeError(
+                f"`mask` must be a boolean tensor (True = valid entry). "
+                f"Received: mask.dtype={_dtype_name(array.dtype)}"
+            )
+        mask = array
+    mask = ops.convert_to_tensor(mask)
+    dtype = _dtype_name(mask.dtype)
+    if dtype != "bool":
         raise TypeError(
-            f"`mask` must be a boolean tensor (True = valid entry). "
-            f"Received: mask.dtype={mask.dtype.name}"
+            f"`mask` must be a boolean tensor (True = valid entry). Received: mask.dtype={dtype}"
         )
-    if not mask.shape.is_compatible_with(scores.shape):
+    mask_shape, scores_shape = _static_shape(mask), _static_shape(scores)
+    if not _compatible(mask_shape, scores_shape):
         raise ValueError(
             f"`mask` must have the same shape as the scores. "
-            f"Received: mask.shape={mask.shape}, scores.shape={scores.shape}"
+            f"Received: mask.shape={_shape_text(mask)}, scores.shape={_shape_text(scores)}"
         )
-    if tf.executing_eagerly() or (
-        mask.shape.is_fully_defined() and scores.shape.is_fully_defined()
+    if _backend.values_available(mask, scores) or (
+        _fully_defined(mask_shape) and _fully_defined(scores_shape)
     ):
         return mask
-    assertion = tf.debugging.Assert(
+    _require_rank(mask, "mask", scores)
+    assertions = _backend.assert_that(
         _shapes_equal(mask, scores),
         [
             "`mask` must have the same shape as the scores. Received: mask.shape=",
-            tf.shape(mask),
+            _shape_vector(mask),
             "scores.shape=",
-            tf.shape(scores),
+            _shape_vector(scores),
         ],
     )
-    return _with_dependency(mask, [assertion])
+    return _backend.with_dependencies(mask, assertions)
 
 
-def check_same_shape(
-    values: tf.Tensor, scores: tf.Tensor, name: str = "values"
-) -> tuple[tf.Tensor, tf.Tensor]:
+def check_same_shape(values, scores, name: str = "values"):
     """Requires `values` and `scores` to have the same shape.
 
     Static shapes are checked here: incompatible ones raise a `ValueError` naming `name` and
@@ -432,8 +572,9 @@ def check_same_shape(
     op's (e.g. `SelectV2 ... must be broadcastable`).
 
     XLA drops assertions. `shapes_ok` is a scalar boolean tensor, True when the shapes match
-    (a constant True when both are static); under `jit_compile` the caller should turn its
-    output into NaN when it is False, so a mismatch never yields a plausible result.
+    (a constant True when both are static, as they always are on JAX and PyTorch); under
+    `jit_compile` the caller should turn its output into NaN when it is False, so a mismatch
+    never yields a plausible result.
 
     Args:
         values: a float tensor that must be shaped like `scores`.
@@ -444,44 +585,57 @@ def check_same_shape(
         `(values, shapes_ok)`: the checked values and the scalar boolean check result.
     """
     message = f"`{name}` and `scores` must have the same shape."
-    if not values.shape.is_compatible_with(scores.shape):
+    values_shape, scores_shape = _static_shape(values), _static_shape(scores)
+    if not _compatible(values_shape, scores_shape):
         raise ValueError(
-            f"{message} Received: {name}.shape={values.shape}, scores.shape={scores.shape}"
+            f"{message} Received: {name}.shape={_shape_text(values)}, "
+            f"scores.shape={_shape_text(scores)}"
         )
-    if values.shape.is_fully_defined() and scores.shape.is_fully_defined():
-        return values, tf.constant(True)
+    if _fully_defined(values_shape) and _fully_defined(scores_shape):
+        return values, ops.convert_to_tensor(True)
+    _require_rank(values, name, scores)
     shapes_ok = _shapes_equal(values, scores)
-    if tf.executing_eagerly():  # unreachable in practice: eager shapes are always known
+    if _backend.values_available(values, scores):  # unreachable: eager shapes are known
         return values, shapes_ok
-    assertion = tf.debugging.Assert(
+    assertions = _backend.assert_that(
         shapes_ok,
-        [f"{message} Received: {name}.shape=", tf.shape(values), "scores.shape=", tf.shape(scores)],
+        [
+            f"{message} Received: {name}.shape=",
+            _shape_vector(values),
+            "scores.shape=",
+            _shape_vector(scores),
+        ],
     )
-    return _with_dependency(values, [assertion]), _with_dependency(shapes_ok, [assertion])
+    return (
+        _backend.with_dependencies(values, assertions),
+        _backend.with_dependencies(shapes_ok, assertions),
+    )
 
 
-def static_length(x: tf.Tensor, axis: int, op: str, minimum: int = 0) -> int:
+def static_length(x, axis: int, op: str, minimum: int = 0) -> int:
     """The static length of `axis`, required by ops whose output size depends on it."""
     n = x.shape[axis]
     if n is None:
         raise ValueError(
             f"`{op}` needs a statically known length along `axis` (its output size depends "
-            f"on it). Received: shape={x.shape}, axis={axis}"
+            f"on it). Received: shape={_shape_text(x)}, axis={axis}"
         )
     if n < minimum:
         raise ValueError(
             f"`{op}` needs at least {minimum} entry along `axis`. "
-            f"Received: shape={x.shape}, axis={axis}"
+            f"Received: shape={_shape_text(x)}, axis={axis}"
         )
     return int(n)
 
 
-def assert_finite_scores(x: tf.Tensor, valid: tf.Tensor | None, name: str = "scores") -> tf.Tensor:
+def assert_finite_scores(x, valid, name: str = "scores"):
     """Raises if the rows `x` (`[rows, n]`) are empty along `n`, or a valid entry is not finite.
 
-    Eagerly (or for a statically empty axis) this is a `ValueError`; inside `tf.function` an
-    `InvalidArgumentError` carrying the same message, on which the returned tensor depends.
-    Under XLA the check cannot raise: the ops keep a NaN confined to its own batch row instead.
+    When the values can be read (eager execution), or for a statically empty axis, this is a
+    `ValueError`; inside a traced function a graph assertion (tf.function: an
+    `InvalidArgumentError` carrying the same message), on which the returned tensor depends.
+    Under XLA and `jax.jit` the check cannot raise: the ops keep a NaN confined to its own
+    batch row instead.
 
     Args:
         x: the scores as rows, the selection axis last.
@@ -494,28 +648,26 @@ def assert_finite_scores(x: tf.Tensor, valid: tf.Tensor | None, name: str = "sco
     if x.shape[-1] == 0:
         # Normally caught earlier, with the full shape, by `check_axis_length`.
         raise ValueError(f"{_empty_axis_message(name)} Received: {name}.shape[axis]=0")
-    finite = tf.math.is_finite(x)
+    finite = ops.isfinite(x)
     if valid is not None:
-        finite = tf.logical_or(finite, tf.logical_not(valid))
-    all_finite = tf.reduce_all(finite)
+        finite = ops.logical_or(finite, ops.logical_not(valid))
     message = f"`{name}` must be finite: it contains NaN or infinite values at valid positions"
-    if tf.executing_eagerly():
-        if not bool(all_finite):
-            bad = tf.boolean_mask(x, tf.logical_not(finite))
+    tensors = (x,) if valid is None else (x, valid)
+    if _backend.values_available(*tensors):
+        if not bool(ops.convert_to_numpy(ops.all(finite))):
+            bad = ops.convert_to_numpy(x)[~ops.convert_to_numpy(finite)]
             raise ValueError(
-                f"{message}. Received: {name} with {int(tf.size(bad))} non-finite "
+                f"{message}. Received: {name} with {int(bad.size)} non-finite "
                 f"entries, the first being {float(bad[0])}"
             )
         return x
-    assertions = [tf.debugging.Assert(all_finite, [message + "."])]
+    assertions = _backend.assert_that(ops.all(finite), [message + "."])
     if x.shape[-1] is None:
-        length = tf.shape(x)[-1]
-        assertions.append(
-            tf.debugging.Assert(
-                length > 0, [f"{_empty_axis_message(name)} Received: {name}.shape[axis]=", length]
-            )
+        length = ops.shape(x)[-1]
+        assertions += _backend.assert_that(
+            length > 0, [f"{_empty_axis_message(name)} Received: {name}.shape[axis]=", length]
         )
-    return _with_dependency(x, assertions)
+    return _backend.with_dependencies(x, assertions)
 
 
 def check_split_quantile(quantile) -> float:
@@ -525,3 +677,57 @@ def check_split_quantile(quantile) -> float:
     if not 0.0 < float(quantile) <= 0.5:
         raise ValueError(f"`quantile` must lie in (0, 0.5]. Received: quantile={quantile!r}")
     return float(quantile)
+
+
+def hard_split_size(n: int, quantile: float) -> int:
+    """The number of entries in each of the lower and upper buckets of a split of `n` entries,
+    `floor(quantile * n)`: what the hard split holds, and the length of `output="sorted"`.
+
+    The product is floored with a slack of 1e-9, so that one that rounds just below an
+    integer (0.29 * 100 = 28.999999999999996) still counts that entry.
+
+    Args:
+        n: the number of (valid) entries, a Python int.
+        quantile: the split level, in (0, 0.5].
+
+    Returns:
+        The bucket size, a Python int.
+    """
+    return math.floor(quantile * n + _SPLIT_SLACK)
+
+
+def hard_split_sizes(counts, quantile: float, n: int | None = None):
+    """`hard_split_size` of each entry of the int tensor `counts` (valid entries per row), as
+    an int32 tensor of the same shape, equal to the Python rule on every backend.
+
+    Computed in float64 where the backend has it. Without float64 (JAX without
+    `jax_enable_x64`), float32 would count one entry fewer for some levels in long rows
+    (0.123 from 133813 entries on), so the sizes are then looked up in a table of the `n + 1`
+    possible counts made in Python.
+
+    Args:
+        counts: an int tensor of valid-entry counts, each in `[0, n]`.
+        quantile: the split level, in (0, 0.5].
+        n: the static row length (the largest possible count), or None when unknown.
+
+    Returns:
+        An int32 tensor shaped like `counts`.
+    """
+    if _backend.float64_available() or n is None:
+        dtype = "float64" if _backend.float64_available() else "float32"
+        # `convert_to_tensor` with the dtype, not `cast`: TensorFlow would round the Python
+        # float to float32 first (0.29 -> 0.28999999165).
+        product = ops.convert_to_tensor(quantile, dtype) * ops.cast(counts, dtype)
+        return ops.cast(ops.floor(product + ops.convert_to_tensor(_SPLIT_SLACK, dtype)), "int32")
+    # The same float64 products as `hard_split_size`, made by numpy.
+    table = np.floor(quantile * np.arange(n + 1, dtype=np.float64) + _SPLIT_SLACK)
+    return ops.take(ops.convert_to_tensor(table.astype(np.int32)), counts, axis=0)
+
+
+def min_split_length(quantile: float) -> int:
+    """The fewest valid entries for which each bucket of a split at `quantile` holds at least
+    one entry (`hard_split_size(n, quantile) >= 1`)."""
+    length = max(1, math.ceil(1 / quantile) - 1)
+    while hard_split_size(length, quantile) < 1:
+        length += 1
+    return length

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
-import tensorflow as tf
-import tensorflow_probability as tfp
+import keras
+import numpy as np
+from keras import ops
 
-from keras_softquantile.ops import _validation
-from keras_softquantile.ops._layout import Prepared
+from keras_softquantile.ops import _backend, _validation
+from keras_softquantile.ops._layout import Prepared, _dims
+from keras_softquantile.ops._ot.problem import Tensor
 
 __all__ = ["perturbed_quantile_split"]
 
-_OUTPUTS = ("weights", "mean", "sorted")
-
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise TypeError(f"`sigma` must be a positive float. Received: sigma={sigma!r}")
-    if not (math.isfinite(float(sigma)) and float(sigma) > 0):
-        raise ValueError(f"`sigma` must be a finite number > 0. Received: sigma={sigma!r}")
-    return float(sigma)
+_SEED_MESSAGE = (
+    "`seed` must be an int, a pair of ints (a stateless seed) or a "
+    "`keras.random.SeedGenerator`. Received: seed={!r}"
+)
 
 
 def check_num_samples(num_samples) -> int:
@@ -33,7 +29,7 @@ def check_num_samples(num_samples) -> int:
     return int(num_samples)
 
 
-def _score_function_term(hard: tf.Tensor, direction: tf.Tensor) -> tf.Tensor:
+def _score_function_term(hard, direction):
     """Zero in value; its gradient is the perturbation estimate of d E[hard] / d z.
 
     `hard` holds one hard outcome per sample, `[S, rows, ...]`, and `direction[s, r]` is
@@ -42,26 +38,26 @@ def _score_function_term(hard: tf.Tensor, direction: tf.Tensor) -> tf.Tensor:
     leave-one-out baseline as control variate: the baseline is independent of `noise_s`, so
     the estimate stays unbiased and its variance drops.
     """
-    hard = tf.stop_gradient(hard)
-    samples = tf.cast(tf.shape(hard)[0], hard.dtype)
-    baseline = (tf.reduce_sum(hard, axis=0, keepdims=True) - hard) / (samples - 1)
-    extra = hard.shape.rank - direction.shape.rank
-    direction = tf.reshape(direction, tf.concat([tf.shape(direction), [1] * extra], 0))
-    centred = direction - tf.stop_gradient(direction)
-    return tf.reduce_mean((hard - baseline) * centred, axis=0)
+    hard = ops.stop_gradient(hard)
+    samples = hard.shape[0]  # num_samples, always static
+    baseline = (ops.sum(hard, axis=0, keepdims=True) - hard) / float(samples - 1)
+    for _ in range(len(hard.shape) - len(direction.shape)):
+        direction = ops.expand_dims(direction, -1)
+    centred = direction - ops.stop_gradient(direction)
+    return ops.mean((hard - baseline) * centred, axis=0)
 
 
 def perturbed_quantile_split(
-    values: tf.Tensor,
-    scores: tf.Tensor,
+    values: Tensor,
+    scores: Tensor,
     quantile: float = 0.25,
     *,
     sigma: float = 0.02,
     num_samples: int = 100,
     axis: int = -1,
-    mask: tf.Tensor | None = None,
+    mask: Tensor | None = None,
     output: str = "weights",
-    seed: int | tf.Tensor | None = None,
+    seed: int | Tensor | None = None,
     return_weights: bool = False,
     name: str | None = None,
 ):
@@ -70,7 +66,7 @@ def perturbed_quantile_split(
     The Monte-Carlo alternative to the optimal-transport `soft_quantile_split` (the "perturbed
     optimizers" of Berthet et al., 2020). The squashed scores `z` (see `squash_scores`, so
     `sigma` is in quantile-level units like `epsilon`) get Gaussian noise, the hard split of
-    `tf.argsort(z + sigma * noise)` is taken for `num_samples` draws, and the outputs are the
+    `argsort(z + sigma * noise)` is taken for `num_samples` draws, and the outputs are the
     averages over the draws: a smooth function of the scores whose Jacobian is estimated by
     `E[hard(z + sigma * noise) noise^T] / sigma`, with a leave-one-out baseline subtracted
     (unbiased, lower variance). Each hard split holds `floor(quantile * n)` entries per bucket,
@@ -83,11 +79,20 @@ def perturbed_quantile_split(
     `sigma` about `1.75 * epsilon` (measured by `benchmarks/bench_estimators.py`, which also
     compares cost and gradient variance).
 
-    >>> scores = tf.constant([[0.3, -1.2, 2.0, 0.1, -0.4, 1.1, 0.8, -2.0]])
+    The noise comes from `keras.random.normal`, so it runs on every Keras backend. With the
+    same stateless seed, TensorFlow draws the same numbers as before the port to Keras 3 (and
+    XLA its own stream, of the same law); JAX and PyTorch draw other numbers of the same law.
+
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores raise when the
+    values can be read (inside `tf.function`, an `InvalidArgumentError`). Under `jax.jit` and
+    XLA, where errors cannot be raised, rows that break a promise (mismatched shapes included)
+    come out NaN.
+
+    >>> scores = np.array([[0.3, -1.2, 2.0, 0.1, -0.4, 1.1, 0.8, -2.0]], "float32")
     >>> low, high = keras_softquantile.ops.perturbed_quantile_split(
     ...     scores, scores, 0.25, sigma=1e-3, seed=(1, 2))
-    >>> high  # the two largest scores, as in tf.math.top_k(scores, 2)
-    <tf.Tensor: shape=(1, 8), dtype=float32, numpy=array([[0., 0., 1., 0., 0., 1., 0., 0.]], ...)>
+    >>> keras.ops.convert_to_numpy(high)  # the two largest scores, as keras.ops.top_k(scores, 2)
+    array([[0., 0., 1., 0., 0., 1., 0., 0.]], dtype=float32)
 
     Args:
         values: float tensor like `scores`, the quantities to select.
@@ -101,8 +106,14 @@ def perturbed_quantile_split(
             averaged hard means of `values`, `scores` without `axis`) or "sorted" (the averaged
             hard selections ordered by ascending score, `axis` of length
             `floor(quantile * n)`; needs a static n).
-        seed: an int, a pair of ints or a shape-[2] integer tensor (a stateless seed: the same
-            seed gives the same draws); None draws fresh noise each call.
+        seed: an int, a pair of ints or a shape-[2] integer tensor: a stateless seed, the
+            same seed gives the same draws (inside `tf.function` and `jax.jit` too; on
+            PyTorch the pair is mixed into the 32-bit seed of a `torch.Generator`). Or a
+            `keras.random.SeedGenerator`: each call draws with its next seed, so calls differ
+            and a generator made with the same seed repeats the sequence (under `jax.jit` it
+            needs Keras's stateless scope, as in a model's train step). Or None: fresh noise
+            each call, from Keras's global seed generator (`keras.utils.set_random_seed`
+            seeds it; not under `jax.jit`, where Keras refuses unseeded draws).
         return_weights: with `output` "mean" or "sorted", also return the averaged hard masks
             `(low_weights, high_weights)`, like `scores`, without gradient.
         name: optional name scope.
@@ -115,11 +126,10 @@ def perturbed_quantile_split(
         perturbed optimizers. NeurIPS.
     """
     quantile = _validation.check_split_quantile(quantile)
-    sigma = _check_sigma(sigma)
+    sigma = _validation.check_positive(sigma, "sigma")
     num_samples = check_num_samples(num_samples)
-    if output not in _OUTPUTS:
-        raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
-    with tf.name_scope(name or "perturbed_quantile_split"):
+    output = _validation.check_split_output(output)
+    with keras.name_scope(name or "perturbed_quantile_split"):
         prepared = Prepared(scores, axis, mask)
         value_rows = prepared.values(values)
         dtype = prepared.dtype
@@ -130,25 +140,23 @@ def perturbed_quantile_split(
             )
         z = prepared.z
         valid = prepared.valid
-        shape = tf.concat([[num_samples], tf.shape(z)], 0)
-        noise = tfp.distributions.Normal(tf.constant(0, dtype), tf.constant(1, dtype)).sample(
-            shape, seed=_stateless_seed(seed)
-        )
-        noise = tf.where(valid, noise, tf.zeros_like(noise))
-        perturbed = tf.stop_gradient(z) + sigma * noise
+        noise = keras.random.normal((num_samples, *_dims(z)), dtype=dtype, seed=_seed(seed))
+        noise = ops.where(valid, noise, ops.zeros_like(noise))
+        perturbed = ops.stop_gradient(z) + sigma * noise
         # Padding sorts last, so the first `count` ranks are the valid entries.
-        perturbed = tf.where(valid, perturbed, tf.fill(tf.shape(perturbed), dtype.max))
-        order = tf.argsort(perturbed, axis=-1, stable=True)
-        ranks = tf.argsort(order, axis=-1, stable=True)
-        count = tf.cast(prepared.count[..., 0], tf.int32)  # [rows]
-        k = tf.cast(tf.floor(quantile * tf.cast(count, tf.float64) + 1e-9), tf.int32)
-        low_hard = tf.cast(ranks < k[:, None], dtype)
-        high_hard = tf.cast((ranks >= (count - k)[:, None]) & valid, dtype)
-        direction = tf.reduce_sum(noise * z, axis=-1) / sigma  # [S, rows]
-        low_weights = tf.reduce_mean(low_hard, 0) + _score_function_term(low_hard, direction)
-        high_weights = tf.reduce_mean(high_hard, 0) + _score_function_term(high_hard, direction)
-        # Rows with non-finite scores (or mismatched shapes) are NaN under XLA, where the
-        # checks in `Prepared` cannot raise.
+        largest = float(np.finfo(dtype).max)
+        perturbed = ops.where(valid, perturbed, ops.full_like(perturbed, largest))
+        order = ops.cast(ops.argsort(perturbed, axis=-1), "int32")  # stable on every backend
+        ranks = ops.cast(ops.argsort(order, axis=-1), "int32")
+        count = ops.cast(prepared.count[..., 0], "int32")  # [rows]
+        k = _validation.hard_split_sizes(count, quantile, prepared.n)
+        low_hard = ops.cast(ranks < k[:, None], dtype)
+        high_hard = ops.cast(ops.logical_and(ranks >= (count - k)[:, None], valid), dtype)
+        direction = ops.sum(noise * z, axis=-1) / sigma  # [S, rows]
+        low_weights = ops.mean(low_hard, axis=0) + _score_function_term(low_hard, direction)
+        high_weights = ops.mean(high_hard, axis=0) + _score_function_term(high_hard, direction)
+        # Rows with non-finite scores (or mismatched shapes) are NaN under XLA and `jax.jit`,
+        # where the checks in `Prepared` cannot raise.
         low_weights, high_weights = prepared.poison(low_weights), prepared.poison(high_weights)
         if output == "sorted":
             low, high = _sorted(prepared, value_rows, order, direction, quantile)
@@ -161,44 +169,74 @@ def perturbed_quantile_split(
         pair = (prepared.output(low), prepared.output(high))
         if return_weights:
             weights = tuple(
-                prepared.output(prepared.layout.restore(tf.stop_gradient(w)))
+                prepared.output(prepared.layout.restore(ops.stop_gradient(w)))
                 for w in (low_weights, high_weights)
             )
             return pair, weights
         return pair
 
 
-def _stateless_seed(seed):
-    if seed is None:
-        return None
+class _StatelessSeed(keras.random.SeedGenerator):
+    """A fixed stateless seed `[2]` in the form `keras.random` takes: a seed generator whose
+    `next()` always returns that seed (it holds no state variable), so the same seed gives
+    the same draws, inside traced functions too."""
+
+    def __init__(self, seed):  # no `super().__init__()`: that would create a state variable
+        self.name = "stateless_seed"
+        self._seed = seed
+
+    def next(self, ordered=True):
+        del ordered
+        if _backend.NAME == "jax":
+            return ops.cast(self._seed, "uint32")  # a raw JAX key
+        if _backend.NAME == "torch":
+            # Keras seeds a `torch.Generator` from the sum of the two entries; mixing them
+            # first keeps seeds such as (1, 2) and (2, 1) apart. PyTorch runs eagerly here
+            # (Keras draws outside `torch.compile`), so the values can be read.
+            first, second = (int(v) for v in ops.convert_to_numpy(self._seed))
+            mixed = (first * 0x9E3779B1 + second) & 0xFFFFFFFF
+            mixed = (mixed ^ 0x80000000) - 0x80000000  # as int32
+            return ops.convert_to_tensor([mixed, 0], dtype="int32")
+        return self._seed
+
+
+def _seed(seed):
+    """`seed` as `keras.random` takes it: None (Keras's global seed generator), a
+    `keras.random.SeedGenerator`, or a fixed stateless seed."""
+    if seed is None or isinstance(seed, keras.random.SeedGenerator):
+        return seed
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return tf.constant([0, int(seed)], tf.int32)
-    seed = tf.convert_to_tensor(seed)
-    if not seed.dtype.is_integer or seed.shape != (2,):
-        raise ValueError(
-            f"`seed` must be an int or a pair of ints (a stateless seed). Received: seed={seed!r}"
-        )
-    return tf.cast(seed, tf.int32)
+        seed = int(seed) & 0xFFFFFFFF
+        return _StatelessSeed(ops.convert_to_tensor([0, (seed ^ 0x80000000) - 0x80000000], "int32"))
+    if isinstance(seed, bool | str | bytes | float):
+        raise ValueError(_SEED_MESSAGE.format(seed))
+    try:
+        tensor = ops.convert_to_tensor(seed)
+    except (TypeError, ValueError):
+        raise ValueError(_SEED_MESSAGE.format(seed)) from None
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    if "int" not in dtype or tuple(tensor.shape) != (2,):
+        raise ValueError(_SEED_MESSAGE.format(seed))
+    return _StatelessSeed(ops.cast(tensor, "int32"))
 
 
-def _mean(weights: tf.Tensor, values: tf.Tensor, prepared: Prepared, k: tf.Tensor):
-    values = tf.where(prepared.valid, values, tf.zeros_like(values))
-    size = tf.cast(tf.maximum(k, 1), values.dtype)
-    return prepared.layout.restore_reduced(tf.reduce_sum(weights * values, axis=-1) / size)
+def _mean(weights, values, prepared: Prepared, k):
+    values = ops.where(prepared.valid, values, ops.zeros_like(values))
+    size = ops.cast(ops.maximum(k, 1), values.dtype)
+    return prepared.layout.restore_reduced(ops.sum(weights * values, axis=-1) / size)
 
 
 def _sorted(prepared: Prepared, values, order, direction, quantile: float):
     n = _validation.static_length(prepared.layout.rows, -1, "perturbed_quantile_split")
-    k = math.floor(quantile * n + 1e-9)
+    k = _validation.hard_split_size(n, quantile)
     # Gathering keeps the gradient with respect to `values`; the score-function term adds
     # the one with respect to the scores.
-    samples = tf.shape(order)[0]
-    tiled = tf.tile(values[None], [samples, 1, 1])
-    ordered = tf.gather(tiled, order, batch_dims=2)  # [S, rows, n]
+    tiled = ops.broadcast_to(ops.expand_dims(values, 0), _dims(order))
+    ordered = ops.take_along_axis(tiled, order, axis=-1)  # [S, rows, n]
     low = ordered[..., :k]
     high = ordered[..., n - k :]
-    low = tf.reduce_mean(low, 0) + _score_function_term(low, direction)
-    high = tf.reduce_mean(high, 0) + _score_function_term(high, direction)
+    low = ops.mean(low, axis=0) + _score_function_term(low, direction)
+    high = ops.mean(high, axis=0) + _score_function_term(high, direction)
     return (
         prepared.layout.restore_reduced(prepared.poison(low), k),
         prepared.layout.restore_reduced(prepared.poison(high), k),

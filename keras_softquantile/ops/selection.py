@@ -6,17 +6,17 @@ import itertools
 import math
 import numbers
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_softquantile.ops import _validation, transport
-from keras_softquantile.ops._layout import Prepared
+from keras_softquantile.ops import _backend, _validation, transport
+from keras_softquantile.ops._layout import Prepared, constant_masses
+from keras_softquantile.ops._ot.problem import Tensor
+from keras_softquantile.ops._validation import DEFAULT_EPSILON
+from keras_softquantile.ops.squashing import larger
 
 __all__ = ["soft_quantile_masks", "soft_quantile_split", "soft_topk_mask"]
-
-DEFAULT_EPSILON = 1e-2
-
-_OUTPUTS = ("weights", "mean", "sorted")
 
 
 def _diagnostics(prepared: Prepared, result: transport.TransportResult):
@@ -32,13 +32,14 @@ def _diagnostics(prepared: Prepared, result: transport.TransportResult):
     )
 
 
+@_backend.compiled_op
 def soft_quantile_masks(
-    scores: tf.Tensor,
+    scores: Tensor,
     quantiles=(0.25, 0.75),
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
-    mask: tf.Tensor | None = None,
+    mask: Tensor | None = None,
     solver: str = "auto",
     return_diagnostics: bool = False,
     name: str | None = None,
@@ -60,10 +61,18 @@ def soft_quantile_masks(
     and `epsilon` is the width, in quantile-level units, of each soft bucket boundary: about
     `1.4 * epsilon` of the memberships' mass differs from the hard buckets per boundary.
 
-    >>> x = tf.constant([[0.3, -1.2, 2.0, 0.1, -0.4, 1.1, 0.8, -2.0]])
+    Inputs may be numpy arrays or tensors of the active Keras backend; outputs are tensors of
+    that backend.
+
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise come out NaN.
+
+    >>> x = np.array([[0.3, -1.2, 2.0, 0.1, -0.4, 1.1, 0.8, -2.0]], "float32")
     >>> masks = keras_softquantile.ops.soft_quantile_masks(x, epsilon=1e-3)
-    >>> tf.round(masks[0, :, 2])  # upper quartile: the two largest scores
-    <tf.Tensor: shape=(8,), dtype=float32, numpy=array([0., 0., 1., 0., 0., 1., 0., 0.], ...)>
+    >>> np.round(keras.ops.convert_to_numpy(masks)[0, :, 2])  # upper quartile: the two largest
+    array([0., 0., 1., 0., 0., 1., 0., 0.], dtype=float32)
 
     Args:
         scores: float tensor of any rank >= 1.
@@ -83,10 +92,10 @@ def soft_quantile_masks(
         `(memberships, diagnostics)`.
     """
     levels = _validation.check_quantiles(quantiles)
-    with tf.name_scope(name or "soft_quantile_masks"):
+    with keras.name_scope(name or "soft_quantile_masks"):
         prepared = Prepared(scores, axis, mask)
         edges = (0.0, *levels, 1.0)
-        masses = tf.constant([hi - lo for lo, hi in itertools.pairwise(edges)], tf.float64)
+        masses = constant_masses([hi - lo for lo, hi in itertools.pairwise(edges)])
         result = prepared.solve(masses, epsilon, solver, "soft_quantile_masks")
         masks = prepared.output(
             prepared.layout.restore_with_trailing(result.memberships, len(edges) - 1)
@@ -105,28 +114,35 @@ def _check_k(k, n: int | None):
     return float(k)
 
 
+@_backend.compiled_op
 def soft_topk_mask(
-    scores: tf.Tensor,
+    scores: Tensor,
     k: float,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
-    mask: tf.Tensor | None = None,
+    mask: Tensor | None = None,
     solver: str = "auto",
     return_diagnostics: bool = False,
     name: str | None = None,
 ):
     """Soft mask of the `k` largest scores along `axis`.
 
-    The soft counterpart of the indicator of `tf.math.top_k(x, k).indices`: values in [0, 1]
+    The soft counterpart of the indicator of `keras.ops.top_k(x, k)[1]`: values in [0, 1]
     that sum to exactly `k` along `axis` (fractional `k` allowed), largest for the largest
     scores. As `epsilon -> 0` with distinct scores it converges to the hard 0/1 mask. It is the
     two-bucket case of `soft_quantile_masks` at level `1 - k / n`, with the same scale-free
     `epsilon`, exact masses and exact implicit gradients. `k = 0` gives zeros and `k = n` ones.
 
-    >>> x = tf.constant([0.3, -1.2, 2.0, 0.1, 1.1])
-    >>> tf.round(keras_softquantile.ops.soft_topk_mask(x, 2, epsilon=1e-3))
-    <tf.Tensor: shape=(5,), dtype=float32, numpy=array([0., 0., 1., 0., 1.], dtype=float32)>
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise come out NaN.
+
+    >>> x = np.array([0.3, -1.2, 2.0, 0.1, 1.1], "float32")
+    >>> mask = keras_softquantile.ops.soft_topk_mask(x, 2, epsilon=1e-3)
+    >>> np.round(keras.ops.convert_to_numpy(mask))
+    array([0., 0., 1., 0., 1.], dtype=float32)
 
     Args:
         scores: float tensor of any rank >= 1.
@@ -142,34 +158,37 @@ def soft_topk_mask(
     Returns:
         A mask like `scores` (same shape and dtype); with `return_diagnostics`, a pair.
     """
-    with tf.name_scope(name or "soft_topk_mask"):
+    with keras.name_scope(name or "soft_topk_mask"):
         prepared = Prepared(scores, axis, mask)
         k = _check_k(k, None if prepared.masked else prepared.n)
         dtype = prepared.dtype
         count = prepared.count  # [rows, 1]
-        fraction = tf.minimum(tf.constant(k, dtype) / tf.maximum(count, 1), 1)
+        one = ops.ones_like(count)
+        fraction = ops.cast(k, dtype) / larger(count, one)
+        fraction = ops.where(fraction < one, fraction, one)
         # k = 0 or k = n leave an empty bucket; solve a harmless problem and overwrite.
-        degenerate = (fraction <= 0) | (fraction >= 1)
-        safe = tf.where(degenerate, 0.5 * tf.ones_like(fraction), fraction)
-        masses = tf.concat([1 - safe, safe], axis=-1)
+        degenerate = ops.logical_or(fraction <= 0, fraction >= 1)
+        safe = ops.where(degenerate, ops.full_like(fraction, 0.5), fraction)
+        masses = ops.concatenate([1 - safe, safe], axis=-1)
         result = prepared.solve(masses, epsilon, solver, "soft_topk_mask")
         selected = result.memberships[:, :, 1]
-        hard = tf.cast(prepared.valid, dtype) * tf.cast(fraction >= 1, dtype)
-        selected = prepared.poison(tf.where(degenerate, hard, selected))
+        hard = ops.cast(prepared.valid, dtype) * ops.cast(fraction >= 1, dtype)
+        selected = prepared.poison(ops.where(degenerate, hard, selected))
         output = prepared.output(prepared.layout.restore(selected))
         if return_diagnostics:
             return output, _diagnostics(prepared, result)
         return output
 
 
+@_backend.compiled_op
 def soft_quantile_split(
-    values: tf.Tensor,
-    scores: tf.Tensor,
+    values: Tensor,
+    scores: Tensor,
     quantile: float = 0.25,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
-    mask: tf.Tensor | None = None,
+    mask: Tensor | None = None,
     output: str = "weights",
     solver: str = "auto",
     return_diagnostics: bool = False,
@@ -188,10 +207,16 @@ def soft_quantile_split(
         `scores` without `axis`.
       * "sorted": the selected values themselves, ordered by ascending score, each of shape
         `[..., k]` along `axis` with `k = floor(quantile * n)`: the soft counterpart of
-        `tf.gather(values, tf.argsort(scores))[:k]` and `[-k:]`, to which it converges as
-        `epsilon -> 0`. It solves a transport onto `2k + 1` ordered targets (Newton with a
-        dense `2k x 2k` Hessian up to 2048 targets, Sinkhorn beyond), so it costs O(n k)
-        memory and O(n k^2) time; it needs a static n and no `mask`.
+        the first and last k entries along `axis` of
+        `numpy.take_along_axis(values, numpy.argsort(scores, axis), axis)`, to which it
+        converges as `epsilon -> 0`. It solves a transport onto `2k + 1` ordered targets
+        (Newton with a dense `2k x 2k` Hessian up to 2048 targets, Sinkhorn beyond), so it
+        costs O(n k) memory and O(n k^2) time; it needs a static n and no `mask`.
+
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise (mismatched shapes included) come out NaN.
 
     Args:
         values: float tensor like `scores`, the quantities to select.
@@ -209,9 +234,8 @@ def soft_quantile_split(
         `(low, high)` as described; with `return_diagnostics`, `((low, high), diagnostics)`.
     """
     quantile = _validation.check_split_quantile(quantile)
-    if output not in _OUTPUTS:
-        raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
-    with tf.name_scope(name or "soft_quantile_split"):
+    output = _validation.check_split_output(output)
+    with keras.name_scope(name or "soft_quantile_split"):
         prepared = Prepared(scores, axis, mask)
         value_rows = prepared.values(values)
         if output == "sorted":
@@ -219,10 +243,10 @@ def soft_quantile_split(
         else:
             # A middle bucket within rounding of empty (q = 0.5 - 1e-17) is left out: its two
             # boundaries would coincide and the problem is the two-bucket one.
-            if 1 - 2 * quantile > 64 * np.finfo(prepared.dtype.as_numpy_dtype).eps:
-                masses = tf.constant([quantile, 1 - 2 * quantile, quantile], tf.float64)
+            if 1 - 2 * quantile > 64 * np.finfo(prepared.dtype).eps:
+                masses = constant_masses([quantile, 1 - 2 * quantile, quantile])
             else:
-                masses = tf.constant([0.5, 0.5], tf.float64)
+                masses = constant_masses([0.5, 0.5])
             result = prepared.solve(masses, epsilon, solver, "soft_quantile_split")
             low = result.memberships[:, :, 0]
             high = result.memberships[:, :, -1]
@@ -238,33 +262,31 @@ def soft_quantile_split(
         return pair
 
 
-def _weighted_mean(weights: tf.Tensor, values: tf.Tensor, prepared: Prepared) -> tf.Tensor:
-    values = tf.where(prepared.valid, values, tf.zeros_like(values))
-    total = tf.reduce_sum(weights, axis=-1)
-    mean = tf.reduce_sum(weights * values, axis=-1) / tf.where(
-        total > 0, total, tf.ones_like(total)
-    )
+def _weighted_mean(weights, values, prepared: Prepared):
+    values = ops.where(prepared.valid, values, ops.zeros_like(values))
+    total = ops.sum(weights, axis=-1)
+    mean = ops.sum(weights * values, axis=-1) / ops.where(total > 0, total, ops.ones_like(total))
     return prepared.layout.restore_reduced(mean)
 
 
-def _split_sorted(prepared: Prepared, values: tf.Tensor, quantile: float, epsilon, solver, mask):
+def _split_sorted(prepared: Prepared, values, quantile: float, epsilon, solver, mask):
     if mask is not None:
         raise ValueError(
             "`output='sorted'` does not support `mask`: its output length floor(quantile * n) "
             "must be the same for every row. Received: a mask"
         )
     n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile_split(output='sorted')")
-    k = math.floor(quantile * n + 1e-9)
+    k = _validation.hard_split_size(n, quantile)
     if k == 0:
-        empty = tf.zeros(tf.concat([tf.shape(values)[:1], [0]], 0), prepared.dtype)
+        empty = ops.zeros_like(values[:, :0], dtype=prepared.dtype)
         low = prepared.layout.restore_reduced(empty, 0)
-        masses = tf.constant([0.5, 0.5], tf.float64)
+        masses = constant_masses([0.5, 0.5])
         return low, low, prepared.solve(masses, epsilon, solver, "soft_quantile_split")
     middle = n - 2 * k
     masses = [1.0 / n] * k + ([middle / n] if middle > 0 else []) + [1.0 / n] * k
-    result = prepared.solve(tf.constant(masses, tf.float64), epsilon, solver, "soft_quantile_split")
+    result = prepared.solve(constant_masses(masses), epsilon, solver, "soft_quantile_split")
     # Barycentric projection: target j's value is sum_i P_ij v_i / b_j = sum_i pi_ij v_i here.
-    gathered = tf.einsum("rnj,rn->rj", result.memberships, values)
+    gathered = result.membership_weighted_sums(values)
     low = prepared.layout.restore_reduced(gathered[:, :k], k)
     high = prepared.layout.restore_reduced(gathered[:, -k:], k)
     return low, high, result

@@ -4,38 +4,39 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from keras_softquantile.ops import _validation
-from keras_softquantile.ops._layout import Prepared
+from keras_softquantile.ops._layout import Prepared, constant_masses
+from keras_softquantile.ops._ot.problem import Tensor
+from keras_softquantile.ops._validation import DEFAULT_EPSILON
 
 __all__ = ["soft_quantile", "soft_rank", "soft_sort", "soft_sort_with"]
 
-DEFAULT_EPSILON = 1e-2
 
-
-def _sorted_rows(values: tf.Tensor, prepared: Prepared, epsilon, solver, op: str):
+def _sorted_rows(values, prepared: Prepared, epsilon, solver, op: str):
     n = _validation.static_length(prepared.layout.rows, -1, op, minimum=1)
-    result = prepared.solve(tf.constant([1.0 / n] * n, tf.float64), epsilon, solver, op)
+    result = prepared.solve(constant_masses([1.0 / n] * n), epsilon, solver, op)
     # Target j's barycentre: sum_i P_ij v_i / b_j = sum_i pi_ij v_i since a_i = b_j = 1/n.
-    memberships = tf.cast(result.memberships, values.dtype)
-    return tf.einsum("rnj,rn->rj", memberships, values), result
+    return result.membership_weighted_sums(values), result
 
 
 def soft_sort(
-    x: tf.Tensor,
+    x: Tensor,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
     solver: str = "auto",
     name: str | None = None,
-) -> tf.Tensor:
+):
     """Soft sort of `x` along `axis`.
 
-    The soft counterpart of `tf.sort(x, axis, direction)`: output position j is the
-    transport-weighted average of the entries assigned to the j-th of n ordered targets. As
-    `epsilon -> 0` it converges to `tf.sort`; for `epsilon > 0` it is smooth in `x`, its
+    The soft counterpart of `keras.ops.sort(x, axis)` (reversed if `descending`): output
+    position j is the transport-weighted average of the entries assigned to the j-th of n
+    ordered targets. As
+    `epsilon -> 0` it converges to the hard sort; for `epsilon > 0` it is smooth in `x`, its
     entries are convex combinations of `x` that preserve `sum(x)` exactly, and it is
     equivariant to positive rescaling (`soft_sort(c * x) = c * soft_sort(x)`, `c > 0`).
     `epsilon` is in quantile-level units: choose it below `1 / n` for a nearly hard sort.
@@ -43,8 +44,14 @@ def soft_sort(
     It solves an n x n transport (Sinkhorn, polished by Newton steps), so time and memory grow
     as n^2: meant for rows of up to a few thousand entries.
 
-    >>> keras_softquantile.ops.soft_sort(tf.constant([3.0, 1.0, 2.0]), epsilon=1e-3)
-    <tf.Tensor: shape=(3,), dtype=float32, numpy=array([1., 2., 3.], dtype=float32)>
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise come out NaN.
+
+    >>> x = np.array([3.0, 1.0, 2.0], "float32")
+    >>> np.round(keras.ops.convert_to_numpy(keras_softquantile.ops.soft_sort(x, epsilon=1e-3)), 4)
+    array([1., 2., 3.], dtype=float32)
 
     Args:
         x: float tensor with a static length along `axis`.
@@ -57,30 +64,36 @@ def soft_sort(
     Returns:
         A tensor like `x`.
     """
-    with tf.name_scope(name or "soft_sort"):
+    with keras.name_scope(name or "soft_sort"):
         prepared = Prepared(x, axis, None, name="x")
         ordered, _ = _sorted_rows(prepared.layout.rows, prepared, epsilon, solver, "soft_sort")
         if descending:
-            ordered = tf.reverse(ordered, axis=[-1])
+            ordered = ops.flip(ordered, axis=-1)
         return prepared.output(prepared.layout.restore(ordered))
 
 
 def soft_sort_with(
-    values: tf.Tensor,
-    scores: tf.Tensor,
+    values: Tensor,
+    scores: Tensor,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
     solver: str = "auto",
     name: str | None = None,
-) -> tf.Tensor:
+):
     """Soft reordering of `values` by ascending `scores`.
 
-    The soft counterpart of `tf.gather(values, tf.argsort(scores, axis), batch_dims=...)`:
-    output position j averages the values of the entries whose scores the transport assigns
-    to the j-th ordered target. Converges to the hard reordering as `epsilon -> 0` with
+    The soft counterpart of
+    `keras.ops.take_along_axis(values, keras.ops.argsort(scores, axis), axis)`: output
+    position j averages the values of the entries whose scores the transport assigns to the
+    j-th ordered target. Converges to the hard reordering as `epsilon -> 0` with
     distinct scores. `soft_sort(x)` is `soft_sort_with(x, x)`.
+
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise (mismatched shapes included) come out NaN.
 
     Args:
         values: float tensor like `scores`.
@@ -94,34 +107,41 @@ def soft_sort_with(
     Returns:
         A tensor like `values`.
     """
-    with tf.name_scope(name or "soft_sort_with"):
+    with keras.name_scope(name or "soft_sort_with"):
         prepared = Prepared(scores, axis, None)
         rows = prepared.values(values, own_precision=True)
         ordered, _ = _sorted_rows(rows, prepared, epsilon, solver, "soft_sort_with")
         if descending:
-            ordered = tf.reverse(ordered, axis=[-1])
-        return tf.cast(prepared.layout.restore(ordered), tf.convert_to_tensor(values).dtype)
+            ordered = ops.flip(ordered, axis=-1)
+        dtype = keras.backend.standardize_dtype(ops.convert_to_tensor(values).dtype)
+        return ops.cast(prepared.layout.restore(ordered), dtype)
 
 
 def soft_rank(
-    x: tf.Tensor,
+    x: Tensor,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
     solver: str = "auto",
     name: str | None = None,
-) -> tf.Tensor:
+):
     """Soft ranks of `x` along `axis`, in [0, n - 1].
 
-    The soft counterpart of `tf.argsort(tf.argsort(x, axis), axis)` (0 for the smallest
-    entry): entry i's rank is the expected target position under the transport plan. Ranks
-    always sum to `n (n - 1) / 2`, are invariant to shifting and positively rescaling `x`, and
-    converge to the hard ranks as `epsilon -> 0` with distinct entries (ties share the
+    The soft counterpart of `keras.ops.argsort(keras.ops.argsort(x, axis), axis)` (0 for the
+    smallest entry): entry i's rank is the expected target position under the transport plan.
+    Ranks always sum to `n (n - 1) / 2`, are invariant to shifting and positively rescaling `x`,
+    and converge to the hard ranks as `epsilon -> 0` with distinct entries (ties share the
     average rank).
 
-    >>> keras_softquantile.ops.soft_rank(tf.constant([3.0, 1.0, 2.0]), epsilon=1e-3)
-    <tf.Tensor: shape=(3,), dtype=float32, numpy=array([2., 0., 1.], dtype=float32)>
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise come out NaN.
+
+    >>> x = np.array([3.0, 1.0, 2.0], "float32")
+    >>> np.round(keras.ops.convert_to_numpy(keras_softquantile.ops.soft_rank(x, epsilon=1e-3)), 4)
+    array([2., 0., 1.], dtype=float32)
 
     Args:
         x: float tensor with a static length along `axis`.
@@ -134,13 +154,13 @@ def soft_rank(
     Returns:
         A tensor like `x`.
     """
-    with tf.name_scope(name or "soft_rank"):
+    with keras.name_scope(name or "soft_rank"):
         prepared = Prepared(x, axis, None, name="x")
         n = _validation.static_length(prepared.layout.rows, -1, "soft_rank", minimum=1)
-        masses = tf.constant([1.0 / n] * n, tf.float64)
+        masses = constant_masses([1.0 / n] * n)
         result = prepared.solve(masses, epsilon, solver, "soft_rank")
-        positions = tf.range(n, dtype=prepared.dtype)
-        ranks = tf.einsum("rnj,j->rn", result.memberships, positions)
+        positions = ops.arange(n, dtype=prepared.dtype)
+        ranks = ops.einsum("rnj,j->rn", result.memberships, positions)
         if descending:
             ranks = (n - 1) - ranks
         return prepared.output(prepared.layout.restore(ranks))
@@ -177,14 +197,14 @@ def _order_statistic_buckets(n: int, levels: tuple[float, ...]):
 
 
 def soft_quantile(
-    x: tf.Tensor,
+    x: Tensor,
     q,
     *,
-    epsilon: float | tf.Tensor = DEFAULT_EPSILON,
+    epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     solver: str = "auto",
     name: str | None = None,
-) -> tf.Tensor:
+):
     """Soft quantiles of `x` along `axis`.
 
     The soft counterpart of `numpy.quantile(x, q, axis)` with its default linear
@@ -193,8 +213,14 @@ def soft_quantile(
     Newton in O(n)), and interpolated with the same weights. Converges to the hard quantile as
     `epsilon -> 0` with distinct entries, and is equivariant to shifts and positive rescaling.
 
-    >>> keras_softquantile.ops.soft_quantile(tf.constant([4.0, 1.0, 3.0, 2.0]), 0.5, epsilon=1e-3)
-    <tf.Tensor: shape=(), dtype=float32, numpy=2.5>
+    Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
+    did not converge raise when the values can be read (inside `tf.function`, an
+    `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
+    break a promise come out NaN.
+
+    >>> x = np.array([4.0, 1.0, 3.0, 2.0], "float32")
+    >>> round(float(keras_softquantile.ops.soft_quantile(x, 0.5, epsilon=1e-3)), 4)
+    2.5
 
     Args:
         x: float tensor with a static length along `axis`.
@@ -209,18 +235,18 @@ def soft_quantile(
         one entry per level.
     """
     levels, scalar = _validation.check_probabilities(q)
-    with tf.name_scope(name or "soft_quantile"):
+    with keras.name_scope(name or "soft_quantile"):
         prepared = Prepared(x, axis, None, name="x")
         n = _validation.static_length(prepared.layout.rows, -1, "soft_quantile", minimum=1)
         masses, combos = _order_statistic_buckets(n, levels)
-        result = prepared.solve(tf.constant(masses, tf.float64), epsilon, solver, "soft_quantile")
+        result = prepared.solve(constant_masses(masses), epsilon, solver, "soft_quantile")
         # A one-entry bucket's barycentre is sum_i pi_ij x_i (its mass is 1/n = a_i).
-        barycentres = tf.einsum("rnj,rn->rj", result.memberships, prepared.layout.rows)
+        barycentres = result.membership_weighted_sums(prepared.layout.rows)
         columns = [
             w_lo * barycentres[:, b_lo] + w_hi * barycentres[:, b_hi]
             for (b_lo, w_lo), (b_hi, w_hi) in combos
         ]
         if scalar:
             return prepared.output(prepared.layout.restore_reduced(columns[0]))
-        stacked = tf.stack(columns, axis=-1)
+        stacked = ops.stack(columns, axis=-1)
         return prepared.output(prepared.layout.restore_reduced(stacked, len(levels)))

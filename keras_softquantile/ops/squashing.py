@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+import keras
+import numpy as np
+from keras import ops
+
+from keras_softquantile.ops._ot.problem import Tensor
 
 __all__ = ["squash_scores"]
 
@@ -23,78 +27,103 @@ _MEDIAN_ABS_PER_SIGMA = 0.6744897501960817
 _MEAN_ABS_PER_SIGMA = math.sqrt(2 / math.pi)
 
 
-def _median(ordered: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+def larger(a, b):
+    """The elementwise maximum of two float tensors, in their dtype, with TensorFlow's
+    gradient at ties (all to `a`). Keras's `maximum` and `minimum` return float32 for float64
+    tensors on PyTorch (Keras 3.15), so the ops use this instead."""
+    return ops.where(a >= b, a, b)
+
+
+def _largest(dtype: str) -> float:
+    """The largest finite value of a float dtype (a string), as a Python float."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    return float(np.finfo(dtype).max)
+
+
+def _median(ordered, count):
     """The median of rows sorted ascending whose first `count` entries are valid (zero for an
     empty row). The middle order statistics are picked by a sort, so gradients reach the one
     or two entries the median interpolates."""
-    last = tf.maximum(count - 1, 0)
-    lower = tf.gather(ordered, last // 2, batch_dims=1)
-    upper = tf.gather(ordered, (last + 1) // 2, batch_dims=1)
+    last = ops.maximum(count - 1, 0)
+    lower = ops.take_along_axis(ordered, ops.floor_divide(last, 2), axis=-1)
+    upper = ops.take_along_axis(ordered, ops.floor_divide(last + 1, 2), axis=-1)
     # Halves: the mean of two near-overflow order statistics of opposite sign stays finite.
-    return tf.where(count > 0, 0.5 * lower + 0.5 * upper, tf.zeros_like(lower))
+    return ops.where(count > 0, 0.5 * lower + 0.5 * upper, ops.zeros_like(lower))
 
 
-def _half_deviation_statistic(ordered: tf.Tensor, count: tf.Tensor, median, rank) -> tf.Tensor:
+def _half_deviation_statistic(ordered, count, median, rank):
     """The `rank`-th smallest (0-based) of `|x - median| / 2` over the valid sorted entries.
 
     The `rank + 1` entries closest to the median are consecutive in sorted order, so the
     statistic is the smallest, over windows of `rank + 1` consecutive entries, of the window's
     largest deviation, `max(median - first, last - median) / 2`: no second sort.
     """
-    size = tf.shape(ordered)[-1]
-    start = tf.zeros_like(ordered, tf.int32) + tf.range(size)  # window l to l + rank
-    end = start + rank
+    size = ops.shape(ordered)[-1]
+    start = ops.zeros_like(ordered, dtype="int32") + ops.arange(size, dtype="int32")
+    end = start + rank  # window `start` to `start + rank`; its first entry is `ordered` itself
     inside = end < count
-    first = tf.gather(ordered, tf.minimum(start, size - 1), batch_dims=1)
-    last = tf.gather(ordered, tf.minimum(end, size - 1), batch_dims=1)
-    spread = tf.maximum(0.5 * median - 0.5 * first, 0.5 * last - 0.5 * median)
-    largest = tf.constant(ordered.dtype.max, ordered.dtype)
-    smallest = tf.reduce_min(tf.where(inside, spread, largest), axis=-1, keepdims=True)
-    return tf.where(count > 0, smallest, tf.zeros_like(smallest))
+    last = ops.take_along_axis(ordered, ops.minimum(end, size - 1), axis=-1)
+    spread = larger(0.5 * median - 0.5 * ordered, 0.5 * last - 0.5 * median)
+    largest = ops.full_like(spread, _largest(keras.backend.standardize_dtype(ordered.dtype)))
+    smallest = ops.min(ops.where(inside, spread, largest), axis=-1, keepdims=True)
+    return ops.where(count > 0, smallest, ops.zeros_like(smallest))
 
 
-def _robust_location_scale(x: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _robust_location_scale(x, valid):
     """The median of each row and half its median absolute deviation from it, over (a strided
     subsample of) the valid entries, as `[rows, 1]` tensors, from one sort of the sample.
 
     Deviations are formed in halves (`x / 2 - median / 2`), so they cannot overflow.
     """
-    n = tf.shape(x)[-1]
-    stride = tf.maximum(1, (n + ROBUST_SAMPLE_SIZE - 1) // ROBUST_SAMPLE_SIZE)
-    sample = x[:, ::stride]
-    sample_valid = valid[:, ::stride]
-    count = tf.reduce_sum(tf.cast(sample_valid, tf.int32), axis=-1, keepdims=True)
-    largest = tf.fill(tf.shape(sample), x.dtype.max)  # invalid entries sort last
-    ordered = tf.sort(tf.where(sample_valid, sample, largest))
+    n = x.shape[-1]
+    if n is None:  # a dynamic length (TensorFlow graphs): the stride is a tensor
+        rows, length = ops.shape(x)[0], ops.shape(x)[-1]
+        stride = ops.maximum(
+            1, ops.floor_divide(length + ROBUST_SAMPLE_SIZE - 1, ROBUST_SAMPLE_SIZE)
+        )
+        # A slice with a tensor step loses even the rank of its result: reshaped to restore it.
+        size = (rows, ops.floor_divide(length + stride - 1, stride))
+        sample = ops.reshape(x[:, ::stride], size)
+        sample_valid = ops.reshape(valid[:, ::stride], size)
+    else:
+        stride = max(1, -(-n // ROBUST_SAMPLE_SIZE))
+        sample = x[:, ::stride]
+        sample_valid = valid[:, ::stride]
+    count = ops.cast(ops.sum(ops.cast(sample_valid, "int32"), axis=-1, keepdims=True), "int32")
+    largest = ops.full_like(sample, _largest(keras.backend.standardize_dtype(x.dtype)))
+    ordered = ops.sort(ops.where(sample_valid, sample, largest), axis=-1)  # invalid sort last
     median = _median(ordered, count)
-    last = tf.maximum(count - 1, 0)
-    lower = _half_deviation_statistic(ordered, count, median, last // 2)
-    upper = _half_deviation_statistic(ordered, count, median, (last + 1) // 2)
+    last = ops.maximum(count - 1, 0)
+    lower = _half_deviation_statistic(ordered, count, median, ops.floor_divide(last, 2))
+    upper = _half_deviation_statistic(ordered, count, median, ops.floor_divide(last + 1, 2))
     return median, 0.5 * lower + 0.5 * upper
 
 
-def _normal_with_log_tails(u: tf.Tensor) -> tf.Tensor:
+def _normal_with_log_tails(u):
     """`Phi(u)` for `|u| <= c`, continued as `Phi(c) + phi(c) log(1 + |u| - c)` beyond (odd
     about 0.5, continuously differentiable). Unbounded but slowly growing, so distinct far
     scores stay distinct (1e9 and 2e9 in a bulk of unit spread differ by 0.037) and nothing
     overflows."""
     c = _TAIL_START
-    magnitude = tf.abs(u)
+    magnitude = ops.abs(u)
     inside = magnitude <= c
-    bulk = 0.5 * tf.math.erfc(-tf.where(inside, u, tf.zeros_like(u)) * (0.5**0.5))
+    bulk = 0.5 * ops.erfc(-ops.where(inside, u, ops.zeros_like(u)) * (0.5**0.5))
     density = math.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)
     cdf_at_c = 0.5 * math.erfc(-c / math.sqrt(2))
-    excess = tf.maximum(magnitude - c, tf.zeros_like(magnitude))
-    tail = (cdf_at_c - 0.5) + density * tf.math.log1p(excess)
-    return tf.where(inside, bulk, 0.5 + tf.sign(u) * tail)
+    excess = larger(magnitude - c, ops.zeros_like(magnitude))
+    tail = (cdf_at_c - 0.5) + density * ops.log1p(excess)
+    return ops.where(inside, bulk, 0.5 + ops.sign(u) * tail)
 
 
 def squash_scores(
-    scores: tf.Tensor,
+    scores: Tensor,
     *,
-    mask: tf.Tensor | None = None,
+    mask: Tensor | None = None,
     name: str | None = None,
-) -> tf.Tensor:
+):
     """Maps scores along the last axis to `z`, close to their quantile level in the bulk.
 
     `z = h((x - median) / sigma)`, where the median and `sigma = MAD / 0.674` (the median
@@ -124,44 +153,50 @@ def squash_scores(
     exact, including through the median and the MAD (piecewise smooth in the scores).
 
     Args:
-        scores: float tensor `[..., n]`.
+        scores: float tensor `[..., n]` (a numpy array, or a tensor of the active Keras
+            backend).
         mask: optional boolean tensor of the same shape, True for valid entries.
         name: optional name scope.
 
     Returns:
         A tensor like `scores`: 0.5 at the median, about 0.25 and 0.75 at the quartiles.
     """
-    with tf.name_scope(name or "squash_scores"):
-        x = tf.convert_to_tensor(scores)
-        valid = tf.ones_like(x, dtype=tf.bool) if mask is None else mask
-        shape = tf.shape(x)
-        x = tf.where(valid, x, tf.zeros_like(x))
-        rows = tf.reshape(x, [-1, shape[-1]])
-        row_valid = tf.reshape(valid, [-1, shape[-1]])
+    with keras.name_scope(name or "squash_scores"):
+        x = ops.convert_to_tensor(scores)
+        if 0 in tuple(x.shape):  # nothing to squash (and Keras refuses empty reductions)
+            return x * 0.0 + 0.5
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        largest = _largest(dtype)
+        valid = ops.ones_like(x, dtype="bool") if mask is None else ops.convert_to_tensor(mask)
+        shape = ops.shape(x)
+        x = ops.where(valid, x, ops.zeros_like(x))
+        rows = ops.reshape(x, (-1, shape[-1]))
+        row_valid = ops.reshape(valid, (-1, shape[-1]))
         median, half_mad = _robust_location_scale(rows, row_valid)
         # Halves throughout: x / 2 - median / 2 cannot overflow, whatever the signs.
-        half_deviation = tf.where(row_valid, 0.5 * rows - 0.5 * median, tf.zeros_like(rows))
-        count = tf.maximum(tf.reduce_sum(tf.cast(row_valid, x.dtype), -1, keepdims=True), 1)
-        half_mean_abs = tf.reduce_sum(tf.abs(half_deviation), axis=-1, keepdims=True) / count
+        half_deviation = ops.where(row_valid, 0.5 * rows - 0.5 * median, ops.zeros_like(rows))
+        count = ops.sum(ops.cast(row_valid, dtype), axis=-1, keepdims=True)
+        count = larger(count, ops.ones_like(count))
+        half_mean_abs = ops.sum(ops.abs(half_deviation), axis=-1, keepdims=True) / count
         # More than half the entries tied at the median: the mean absolute deviation instead.
-        half_sigma = tf.where(
+        half_sigma = ops.where(
             half_mad > 0,
             half_mad / _MEDIAN_ABS_PER_SIGMA,
             half_mean_abs / _MEAN_ABS_PER_SIGMA,
         )
         spread_out = half_sigma > 0
-        half_sigma = tf.where(spread_out, half_sigma, tf.ones_like(half_sigma))
+        half_sigma = ops.where(spread_out, half_sigma, ops.ones_like(half_sigma))
         # A bulk of spread 1e-30 beside a score of 1e30 would overflow u: such entries get
         # the largest finite u of their sign (and zero gradient), which keeps their order
         # against the bulk. The quotient is only formed where it is finite.
-        overflows = tf.abs(half_deviation) / x.dtype.max > half_sigma
-        use = spread_out & row_valid & ~overflows
+        overflows = ops.abs(half_deviation) / largest > half_sigma
+        use = ops.logical_and(ops.logical_and(spread_out, row_valid), ops.logical_not(overflows))
         # Divided by the scale held constant, then by its ratio to itself (exactly 1): the
         # gradient with respect to the scale is then -u / scale, formed without squaring a
         # scale near the dtype's limits (1e-300 or 3e38), which would give inf or NaN.
-        constant_sigma = tf.stop_gradient(half_sigma)
-        u = tf.where(use, half_deviation, tf.zeros_like(rows)) / constant_sigma
+        constant_sigma = ops.stop_gradient(half_sigma)
+        u = ops.where(use, half_deviation, ops.zeros_like(rows)) / constant_sigma
         u = u / (half_sigma / constant_sigma)
-        u = tf.where(overflows & row_valid, tf.sign(half_deviation) * x.dtype.max, u)
+        u = ops.where(ops.logical_and(overflows, row_valid), ops.sign(half_deviation) * largest, u)
         z = _normal_with_log_tails(u)
-        return tf.reshape(z, shape)
+        return ops.reshape(z, shape)

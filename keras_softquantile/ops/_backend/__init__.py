@@ -9,6 +9,9 @@ Everything else in `keras_softquantile.ops` is written on `keras.ops`. This pack
 * `compiled_stage(function)`: a solver stage compiled where that is measured to pay (XLA
   clusters inside TensorFlow graphs; elsewhere the function itself, compiled with the caller's
   `jax.jit` or run eagerly by PyTorch).
+* `compiled_op(function)`: a whole selection op as one XLA cluster inside TensorFlow graphs
+  that are not compiled as a whole, with its run-time checks hoisted out of the cluster
+  (elsewhere the function itself).
 * `custom_gradient(function)`: a hand-written backward pass, with several outputs, that
   refuses to be differentiated a second time.
 * `searchsorted(sorted_rows, values, side)`: a batched search along the last axis.
@@ -37,6 +40,7 @@ if NAME not in ("tensorflow", "jax", "torch"):
 _implementation = importlib.import_module(f"{__name__}._{NAME}")
 accurate_sum = _implementation.accurate_sum
 assert_that = _implementation.assert_that
+compiled_op = _implementation.compiled_op
 compiled_stage = _implementation.compiled_stage
 custom_gradient = _implementation.custom_gradient
 float64_available = _implementation.float64_available
@@ -49,6 +53,7 @@ __all__ = [
     "SECOND_ORDER_MESSAGE",
     "accurate_sum",
     "assert_that",
+    "compiled_op",
     "compiled_stage",
     "custom_gradient",
     "float64_available",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+
+import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
@@ -11,6 +16,15 @@ from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
 # targets) stays on TensorFlow's faster CPU sort. Eager calls run op by op (no per-shape
 # compilation). Set to False to run every stage op by op.
 COMPILE_SOLVER_LOOP = True
+
+# Inside traced graphs that are not compiled as a whole (`fit` without XLA on CPUs and under
+# `tf.distribute`), each selection op also runs as one XLA cluster, forward and backward, with
+# its run-time checks hoisted out of the cluster, where they can still fail. Set to False to
+# keep only the solver's stages compiled.
+COMPILE_WHOLE_OPS = True
+
+# Assertions made while a whole op is traced into a cluster (`compiled_op`), innermost last.
+_hoisted = threading.local()
 
 
 def values_available(*tensors) -> bool:
@@ -22,6 +36,10 @@ def assert_that(condition, data: list) -> list:
     """A graph assertion (an `InvalidArgumentError` at run time) inside `tf.function`; nothing
     eagerly (the caller raised already). XLA drops it: the caller also poisons rows."""
     if tf.executing_eagerly():
+        return []
+    stack = getattr(_hoisted, "stack", None)
+    if stack:  # inside `compiled_op`'s cluster: made after it, on its outputs
+        stack[-1].append((condition, list(data)))
         return []
     return [tf.debugging.Assert(condition, data)]
 
@@ -46,7 +64,117 @@ def compiled_stage(function):
     return dispatch
 
 
+def compiled_op(function):
+    """`function` (a whole op), run as one XLA cluster when called inside a traced graph.
+
+    Tensor arguments (numpy arrays and variables included) become the cluster's inputs, and
+    everything else (Python numbers, strings, None) is fixed when it is traced. The run-time
+    checks that the op makes while it is traced (`assert_that`) are collected instead of being
+    dropped by XLA: their conditions and tensor data leave the cluster as extra outputs, and
+    the assertions are made on them outside it, so a broken promise is still an
+    `InvalidArgumentError` in a graph. Eagerly, inside another whole-op cluster, and with
+    `COMPILE_WHOLE_OPS` off, it is `function` itself.
+    """
+    cache = {}
+
+    @functools.wraps(function)
+    def dispatch(*args, **kwargs):
+        if not COMPILE_WHOLE_OPS or tf.executing_eagerly() or getattr(_hoisted, "stack", None):
+            return function(*args, **kwargs)
+        leaves = tf.nest.flatten((args, kwargs))
+        is_tensor = [_is_tensor_like(x) for x in leaves]
+        tensors = [tf.convert_to_tensor(x) for x, t in zip(leaves, is_tensor, strict=True) if t]
+        shapes = [t.shape for t in tensors if t.shape.rank != 0]
+        if any(s.rank is None or None in s.as_list()[1:] for s in shapes):
+            # A length known only at run time: the checks must run before the solver (an
+            # empty axis would not compile), so the op runs stage by stage.
+            return function(*args, **kwargs)
+        static = [None if t else x for x, t in zip(leaves, is_tensor, strict=True)]
+        structure = tf.nest.map_structure(lambda _: 0, (args, kwargs))
+        key = (repr(structure), tuple(_static_key(x) for x in static), tuple(is_tensor))
+        if key not in cache:
+            cache[key] = _hoisting_cluster(function, structure, static, is_tensor)
+        compiled, templates = cache[key]
+
+        def clustered():
+            outputs, conditions, data = compiled(*tensors)
+            assertions = [
+                tf.debugging.Assert(
+                    condition, [data[p] if isinstance(p, int) else p for p in parts]
+                )
+                for condition, parts in zip(conditions, templates, strict=True)
+            ]
+            if not assertions:
+                return outputs
+            return tf.nest.map_structure(
+                lambda t: with_dependencies(t, assertions) if tf.is_tensor(t) else t, outputs
+            )
+
+        leading = [s[0] for s in shapes]
+        if None not in leading:
+            if len(set(leading)) <= 1 and all(d > 0 for d in leading):
+                return clustered()
+            return function(*args, **kwargs)  # empty, or mismatched: the op's own errors
+        # Batch sizes known only at run time: the cluster runs when they agree and are not
+        # zero; otherwise the op runs stage by stage and its own checks say what is wrong.
+        sizes = [tf.shape(t)[0] for t in tensors if t.shape.rank]
+        usable = tf.reduce_all(
+            tf.stack([size > 0 for size in sizes] + [tf.equal(size, sizes[0]) for size in sizes])
+        )
+        return tf.cond(usable, clustered, lambda: function(*args, **kwargs))
+
+    return dispatch
+
+
+def _hoisting_cluster(function, structure, static: list, is_tensor: list):
+    """The XLA function of `compiled_op` for one combination of static arguments, and the
+    list that its trace fills with the assertions' message templates (a tensor's position in
+    the data outputs, or a constant)."""
+    templates: list = []
+
+    def cluster(*tensors):
+        remaining = iter(tensors)
+        filled = [next(remaining) if t else x for x, t in zip(static, is_tensor, strict=True)]
+        args, kwargs = tf.nest.pack_sequence_as(structure, filled)
+        stack = _hoisted.__dict__.setdefault("stack", [])
+        stack.append([])
+        try:
+            outputs = function(*args, **kwargs)
+        finally:
+            collected = stack.pop()
+        templates.clear()
+        conditions, data = [], []
+        for condition, parts in collected:
+            template = []
+            for part in parts:
+                if tf.is_tensor(part):
+                    template.append(len(data))
+                    data.append(part)
+                else:
+                    template.append(part)
+            templates.append(template)
+            conditions.append(condition)
+        return outputs, conditions, data
+
+    return tf.function(cluster, jit_compile=True, reduce_retracing=True), templates
+
+
+def _is_tensor_like(value) -> bool:
+    return tf.is_tensor(value) or isinstance(value, np.ndarray | tf.Variable | keras.Variable)
+
+
+def _static_key(value):
+    """A hashable stand-in for a non-tensor argument (part of `compiled_op`'s cache key)."""
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def _refuse_second_order(*gradients):
+    """The gradients (None kept: an input without one), as values whose own gradient raises."""
+
     @tf.custom_gradient
     def refuse(*values):
         def second_order(*_):
@@ -54,7 +182,9 @@ def _refuse_second_order(*gradients):
 
         return tuple(tf.identity(v) for v in values), second_order
 
-    return refuse(*gradients)
+    present = [g for g in gradients if g is not None]
+    refused = iter(refuse(*present) if present else ())
+    return tuple(None if g is None else next(refused) for g in gradients)
 
 
 def custom_gradient(function):

@@ -20,6 +20,11 @@ def with_dependencies(x, assertions: list):
     return x
 
 
+def compiled_op(function):
+    """`function` itself (PyTorch runs the ops eagerly)."""
+    return function
+
+
 def compiled_stage(function):
     """`function` itself, run eagerly (see the benchmarks for `torch.compile`)."""
     return function
