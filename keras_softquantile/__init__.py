@@ -9,6 +9,7 @@ import sys
 __version__ = "0.1.0"
 
 __all__ = [
+    "EpsilonWeight",
     "LinearScorer",
     "QuantileObjectiveModel",
     "SoftQuantileMasks",
@@ -18,6 +19,8 @@ __all__ = [
     "SoftSort",
     "SoftTopK",
     "callbacks",
+    "epsilon",
+    "epsilon_weights",
     "layers",
     "models",
     "objectives",
@@ -32,10 +35,12 @@ __all__ = [
     "soft_topk_mask",
 ]
 
-_SUBMODULES = frozenset({"callbacks", "layers", "models", "objectives", "ops"})
+_SUBMODULES = frozenset({"callbacks", "epsilon", "layers", "models", "objectives", "ops"})
 
 # Each public class and function, by the submodule that defines it.
 _PUBLIC_NAMES = {
+    "EpsilonWeight": "epsilon",
+    "epsilon_weights": "epsilon",
     "LinearScorer": "models",
     "QuantileObjectiveModel": "models",
     "SoftQuantileMasks": "layers",
@@ -155,7 +160,8 @@ if not _imported_to_run_own_command_line():
 
     _tensorflow_logs.import_tensorflow()  # held to TF_CPP_MIN_LOG_LEVEL from its first line
 
-    from keras_softquantile import callbacks, layers, models, objectives, ops
+    from keras_softquantile import callbacks, epsilon, layers, models, objectives, ops
+    from keras_softquantile.epsilon import EpsilonWeight, epsilon_weights
     from keras_softquantile.layers import (
         SoftQuantileMasks,
         SoftQuantiles,

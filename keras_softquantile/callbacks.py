@@ -8,23 +8,25 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_softquantile.epsilon import epsilon_weights
+from keras_softquantile.ops._validation import check_positive
 
 __all__ = ["EpsilonAnnealing", "SelectionMonitor"]
 
 _SCHEDULES = ("geometric", "linear", "cosine")
 
 
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a positive float. Received: {name}={value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
-    return float(value)
-
-
 def _completed_iterations(model) -> int:
-    """The optimizer steps taken so far (0 before the first `fit`, or without an optimizer)."""
+    """The optimizer steps taken so far (0 before the first `fit`, or without an optimizer).
+
+    Under JAX, `fit` holds the variables in its own state between steps; syncing them back
+    first makes the count current and keeps an assignment made now (the next step then reads
+    the variables again).
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if callable(sync):
+        sync()
     iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
     return 0 if iterations is None else int(keras.ops.convert_to_numpy(iterations))
 
@@ -39,12 +41,33 @@ def _count(value, name: str, minimum: int = 1) -> int | None:
     return int(value)
 
 
+def _owner_name(weight) -> str:
+    owner = weight.owner
+    return "<deleted>" if owner is None else owner.name
+
+
+class _MethodTarget:
+    """A model's `set_epsilon`/`get_epsilon` pair, seen as an epsilon weight."""
+
+    trainable = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def assign(self, value: float) -> None:
+        self.model.set_epsilon(value)
+
+    def value(self):
+        return self.model.get_epsilon()
+
+
 class EpsilonAnnealing(keras.callbacks.Callback):
     """Anneals epsilon from `start` to `end` during `fit`, without retracing.
 
-    It assigns the epsilon weight of the model (`QuantileObjectiveModel.set_epsilon`) or, for
-    any other model, of every soft selection layer in it (`SoftLayer.set_epsilon`); the train
-    function reads the weight, so it is traced once. With `epochs`, epsilon changes at the
+    It assigns the epsilon weight of the model (`QuantileObjectiveModel`) or, for any other
+    model, of every soft selection layer in it (the weights that
+    `keras_softquantile.epsilon.epsilon_weights(model)` finds); the train function reads the
+    weight, so it is traced once. With `epochs`, epsilon changes at the
     start of each epoch: epoch `e` (counted from 0) gets fraction `f = min(e / (epochs - 1), 1)`
     of the way; with `steps`, before each batch, `f = min(iteration / steps, 1)` with the
     optimizer's iteration count (so a resumed `fit` continues the schedule). Neither: `epochs`
@@ -77,8 +100,8 @@ class EpsilonAnnealing(keras.callbacks.Callback):
         verbose: int = 0,
     ):
         super().__init__()
-        self.start = _positive(start, "start")
-        self.end = _positive(end, "end")
+        self.start = check_positive(start, "start")
+        self.end = check_positive(end, "end")
         self.epochs = _count(epochs, "epochs")
         self.steps = _count(steps, "steps")
         if self.epochs is not None and self.steps is not None:
@@ -107,21 +130,25 @@ class EpsilonAnnealing(keras.callbacks.Callback):
         return self.end + (self.start - self.end) * (1 + math.cos(math.pi * fraction)) / 2
 
     def _targets(self) -> list:
+        """The epsilon weights to anneal (`keras_softquantile.epsilon.EpsilonWeight`).
+
+        The model's own epsilon if it has one (`QuantileObjectiveModel`); else, for a model
+        with its own public `set_epsilon`/`get_epsilon` pair, that pair; else every epsilon
+        weight inside the model (the soft selection layers'), found through `model.variables`.
+        """
         model = self.model
-        if hasattr(model, "set_epsilon"):
-            return [model]
-        targets = [
-            layer
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-            if hasattr(layer, "set_epsilon")
-        ]
+        found = epsilon_weights(model)
+        targets = [weight for weight in found if weight.owner is model]
+        if not targets and hasattr(model, "set_epsilon") and hasattr(model, "get_epsilon"):
+            return [_MethodTarget(model)]
+        targets = targets or found
         if not targets:
             raise ValueError(
                 "`EpsilonAnnealing` found no epsilon to anneal: the model is neither a "
                 "`QuantileObjectiveModel` nor contains soft selection layers. "
                 f"Received: model={type(model).__name__}"
             )
-        trained = [layer.name for layer in targets if getattr(layer, "trainable_epsilon", False)]
+        trained = [_owner_name(weight) for weight in targets if weight.trainable]
         if trained:
             raise ValueError(
                 "`EpsilonAnnealing` would overwrite a learned epsilon: these layers have "
@@ -131,7 +158,7 @@ class EpsilonAnnealing(keras.callbacks.Callback):
 
     def _assign(self, value: float) -> None:
         for target in self._targets():
-            target.set_epsilon(value)
+            target.assign(value)
 
     def on_train_begin(self, logs=None) -> None:
         if self.epochs is None and self.steps is None:
@@ -156,7 +183,7 @@ class EpsilonAnnealing(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if logs is not None and "epsilon" not in logs:
             target = self._targets()[0]
-            logs["epsilon"] = float(keras.ops.convert_to_numpy(target.get_epsilon()))
+            logs["epsilon"] = float(keras.ops.convert_to_numpy(target.value()))
 
 
 class SelectionMonitor(keras.callbacks.Callback):
@@ -272,6 +299,10 @@ class SelectionMonitor(keras.callbacks.Callback):
             step: the TensorBoard step.
             when: the moment named in the images' titles; default "after epoch {step + 1}".
         """
+        # TensorFlow (a dependency whatever the Keras backend) writes the event files, from
+        # numpy values only.
+        import tensorflow as tf
+
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "selection"))
         selection = {

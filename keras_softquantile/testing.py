@@ -3,7 +3,9 @@
 `run_layer_test` builds a layer, calls it symbolically and eagerly, round-trips its config,
 trains one `fit` step through it, saves and reloads it as a `.keras` file and runs it under
 the mixed-precision policies, asserting at each step (with plain `AssertionError`s, so it
-works under any test runner). It relies only on public Keras APIs.
+works under any test runner). It relies only on public Keras APIs, and runs under every Keras
+backend (TensorFlow, JAX, PyTorch): only the input gradients (`_input_gradients`) are taken
+with the backend's own autodiff.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 __all__ = ["LayerTestResult", "run_layer_test"]
 
@@ -35,12 +36,78 @@ def _as_list(data) -> list:
     return list(data) if isinstance(data, list | tuple) else [data]
 
 
+def _numpy(tensor) -> np.ndarray:
+    """A tensor as numpy, half precision included (PyTorch's bfloat16 has no numpy twin)."""
+    if keras.backend.standardize_dtype(tensor.dtype) == "bfloat16":
+        tensor = keras.ops.cast(tensor, "float32")
+    return np.asarray(keras.ops.convert_to_numpy(tensor))
+
+
 def _to_numpy(structure):
-    return tf.nest.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), structure)
+    return keras.tree.map_structure(_numpy, structure)
 
 
 def _flat(structure) -> list:
-    return tf.nest.flatten(structure)
+    return keras.tree.flatten(structure)
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
+
+
+def _input_gradients(function, arrays: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Gradients of the scalar `function(*tensors)` with respect to the floating-point inputs.
+
+    The only backend-specific code of this module: each backend's own autodiff. Non-float
+    inputs (and inputs the value does not depend on) get None.
+
+    Args:
+        function: maps one backend tensor per array to a scalar tensor.
+        arrays: the inputs, as numpy arrays.
+
+    Returns:
+        One numpy gradient (or None) per array.
+    """
+    backend = keras.backend.backend()
+    differentiable = [i for i, a in enumerate(arrays) if _is_float(a)]
+    if not differentiable:
+        return [None] * len(arrays)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch([tensors[i] for i in differentiable])
+            value = function(*tensors)
+        found = tape.gradient(value, [tensors[i] for i in differentiable])
+    elif backend == "jax":
+        import jax
+
+        tensors = [keras.ops.convert_to_tensor(a) for a in arrays]
+
+        def of_floats(*floats):
+            inputs = list(tensors)
+            for i, t in zip(differentiable, floats, strict=True):
+                inputs[i] = t
+            return function(*inputs)
+
+        found = jax.grad(of_floats, argnums=tuple(range(len(differentiable))))(
+            *[tensors[i] for i in differentiable]
+        )
+    elif backend == "torch":
+        import torch
+
+        tensors = [keras.ops.convert_to_tensor(a) for a in arrays]
+        for i in differentiable:
+            tensors[i] = tensors[i].detach().requires_grad_(True)
+        value = function(*tensors)
+        found = torch.autograd.grad(value, [tensors[i] for i in differentiable], allow_unused=True)
+    else:
+        raise NotImplementedError(f"No gradient code for the Keras backend {backend!r}.")
+    grads: list[np.ndarray | None] = [None] * len(arrays)
+    for i, g in zip(differentiable, found, strict=True):
+        grads[i] = None if g is None else _numpy(g)
+    return grads
 
 
 def _assert_shapes(actual, expected, what: str) -> None:
@@ -152,7 +219,7 @@ def run_layer_test(
     trainable_eps = init_kwargs.get("trainable_epsilon", False)
     if len(layer.weights) != 1 or len(layer.trainable_weights) != int(trainable_eps):
         raise AssertionError(f"unexpected weights after build: {layer.weights}")
-    np.testing.assert_allclose(float(layer.get_epsilon()), layer.epsilon, rtol=1e-6)
+    np.testing.assert_allclose(float(_numpy(layer.get_epsilon())), layer.epsilon, rtol=1e-6)
 
     # 2. Symbolic call (batch dimension unknown).
     symbolic_layer = layer_cls(**init_kwargs)
@@ -180,21 +247,24 @@ def run_layer_test(
     result["layer"], result["output"] = layer, output
 
     # Gradients reach the float inputs and are finite.
-    tensors = [tf.constant(a) for a in arrays]
-    with tf.GradientTape() as tape:
-        tape.watch(tensors)
-        y = _call(layer, tensors if multi else tensors[0])
-        weights = [
-            tf.constant(np.linspace(-1, 1, int(np.prod(t.shape))), t.dtype) for t in _flat(y)
+    def weighted_sum(*tensors):
+        y = _flat(_call(layer, list(tensors) if multi else tensors[0]))
+        terms = [
+            keras.ops.sum(
+                t
+                * keras.ops.reshape(
+                    keras.ops.convert_to_tensor(
+                        np.linspace(-1, 1, o.size).astype(keras.backend.standardize_dtype(t.dtype))
+                    ),
+                    o.shape,
+                )
+            )
+            for t, o in zip(y, _flat(output), strict=True)
         ]
-        loss = tf.add_n(
-            [
-                tf.reduce_sum(t * tf.reshape(w, tf.shape(t)))
-                for t, w in zip(_flat(y), weights, strict=True)
-            ]
-        )
-    grads = [g for g in tape.gradient(loss, tensors) if g is not None]
-    if not grads or not any(np.any(np.asarray(g) != 0) for g in grads):
+        return sum(terms[1:], terms[0])
+
+    grads = [g for g in _input_gradients(weighted_sum, arrays) if g is not None]
+    if not grads or not any(np.any(g != 0) for g in grads):
         raise AssertionError("no gradient reaches the inputs")
     for g in grads:
         _assert_finite(g, "input gradient")
@@ -229,7 +299,7 @@ def run_layer_test(
         model.compile(
             optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False, run_eagerly=False
         )
-        kernels = [w.numpy().copy() for w in model.trainable_weights if "kernel" in w.path]
+        kernels = [_numpy(w).copy() for w in model.trainable_weights if "kernel" in w.path]
         history = model.fit(
             data,
             targets if len(targets) > 1 else targets[0],
@@ -239,7 +309,7 @@ def run_layer_test(
         )
         if not np.isfinite(history.history["loss"][-1]):
             raise AssertionError(f"fit gave a non-finite loss: {history.history}")
-        after = [w.numpy() for w in model.trainable_weights if "kernel" in w.path]
+        after = [_numpy(w) for w in model.trainable_weights if "kernel" in w.path]
         if all(np.array_equal(a, b) for a, b in zip(kernels, after, strict=True)):
             raise AssertionError("fit did not change any Dense kernel: no gradient flowed")
         result["model"] = model
@@ -257,7 +327,9 @@ def run_layer_test(
             loaded = keras.models.load_model(path)
         _assert_close(_to_numpy(loaded(data)), before, ".keras round trip", 0.0, 0.0)
         loaded_layer = next(lay for lay in loaded.layers if isinstance(lay, layer_cls))
-        np.testing.assert_allclose(float(loaded_layer.get_epsilon()), layer.epsilon * 2, 1e-6)
+        np.testing.assert_allclose(
+            float(_numpy(loaded_layer.get_epsilon())), layer.epsilon * 2, 1e-6
+        )
         if loaded_layer.get_config() != soft_layer.get_config():
             raise AssertionError("the reloaded layer's config differs")
 
@@ -265,17 +337,20 @@ def run_layer_test(
     result["mixed"] = {}
     for policy in mixed_precision_policies:
         mixed_layer = layer_cls(**init_kwargs, dtype=policy)
-        with tf.GradientTape() as tape:
-            tensors = [tf.constant(a) for a in arrays]
-            tape.watch(tensors)
-            y = _call(mixed_layer, tensors if multi else tensors[0])
-            total = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in _flat(y)])
+        y = _call(mixed_layer, data)  # eagerly, so the layer is built outside any gradient
         for t in _flat(y):
-            if t.dtype.name != _MIXED_POLICIES[policy]:
-                raise AssertionError(f"{policy}: output dtype {t.dtype.name}")
-        y = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32).numpy(), y)
+            dtype = keras.backend.standardize_dtype(t.dtype)
+            if dtype != _MIXED_POLICIES[policy]:
+                raise AssertionError(f"{policy}: output dtype {dtype}")
+        y = keras.tree.map_structure(lambda t: _numpy(t).astype(np.float32), y)
         _assert_finite(y, policy)
-        for g in tape.gradient(total, tensors):
+
+        def total(*tensors, mixed_layer=mixed_layer):
+            outputs = _flat(_call(mixed_layer, list(tensors) if multi else tensors[0]))
+            terms = [keras.ops.sum(keras.ops.cast(t, "float32")) for t in outputs]
+            return sum(terms[1:], terms[0])
+
+        for g in _input_gradients(total, arrays):
             if g is not None:
                 _assert_finite(g, f"{policy} gradient")
         for a, e in zip(_flat(y), _flat(output), strict=True):

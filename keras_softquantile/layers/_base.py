@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_softquantile.ops import _validation
+from keras_softquantile import epsilon as _epsilon
+from keras_softquantile.ops import _backend, _validation
 
 __all__: list[str] = []
 
-_SOLVERS = ("auto", "newton", "sinkhorn")
 
-
-def check_epsilon(epsilon, dtype: str | tf.DType | None = None) -> float:
+def check_epsilon(epsilon, dtype=None) -> float:
     """Validates a construction-time `epsilon` and returns it as a float.
 
     It must be a finite real number > 0 and, when the layer's compute `dtype` is given, at
@@ -30,18 +28,7 @@ def check_epsilon(epsilon, dtype: str | tf.DType | None = None) -> float:
     Returns:
         `epsilon` as a Python float.
     """
-    if isinstance(epsilon, bool | np.bool_) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
-    if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
-        raise ValueError(f"`epsilon` must be a finite number > 0. Received: epsilon={epsilon!r}")
-    if dtype is not None:
-        # The ops' minimum and message, so that a layer fails at construction, not at call.
-        dtype = _validation.compute_dtype(tf.as_dtype(keras.backend.standardize_dtype(dtype)))
-        if float(epsilon) < _validation.epsilon_minimum(dtype):
-            raise ValueError(
-                f"{_validation.epsilon_too_small_message(dtype)} Received: epsilon={epsilon!r}"
-            )
-    return float(epsilon)
+    return _epsilon.check_epsilon(epsilon, dtype)
 
 
 def check_bool(value, name: str) -> bool:
@@ -56,13 +43,6 @@ def check_axis(axis) -> int:
     if isinstance(axis, bool | np.bool_) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
     return int(axis)
-
-
-def check_solver(solver) -> str:
-    """One of "auto", "newton", "sinkhorn", or a `ValueError`."""
-    if not isinstance(solver, str) or solver not in _SOLVERS:
-        raise ValueError(f"`solver` must be one of {_SOLVERS}. Received: solver={solver!r}")
-    return solver
 
 
 def normalize_axis(axis: int, shape, layer: str, name: str = "inputs") -> int:
@@ -90,7 +70,30 @@ def check_float_input(x, layer: str, name: str = "inputs") -> None:
         )
 
 
-def scores_mask(mask, scores: tf.Tensor, layer: str) -> tf.Tensor | None:
+def _values_readable(*tensors) -> bool:
+    """Whether Python can read the tensors' values now (`_backend.values_available`), except
+    PyTorch's shape-only "meta" tensors (Keras's symbolic calls), which have no values."""
+    if not _backend.values_available(*tensors):
+        return False
+    return not any(getattr(getattr(t, "device", None), "type", None) == "meta" for t in tensors)
+
+
+def _static_rank(x) -> int | None:
+    """The rank of `x`, or None when unknown (a TensorFlow graph tensor of unknown rank)."""
+    try:
+        return len(x.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _not_rectangular(layer: str, mask) -> ValueError:
+    return ValueError(
+        f"`{layer}` got a mask that is not a rectangular boolean tensor. "
+        f"Received: mask of type {type(mask).__name__}"
+    )
+
+
+def scores_mask(mask, scores, layer: str):
     """A Keras mask turned into the op's boolean `mask` of the full shape of `scores`.
 
     Keras masks cover leading axes (a `Masking` layer's mask on `[batch, n, features]` is
@@ -98,29 +101,43 @@ def scores_mask(mask, scores: tf.Tensor, layer: str) -> tf.Tensor | None:
     """
     if mask is None:
         return None
+    received = mask
+    if isinstance(mask, list | tuple | np.ndarray | np.generic | bool | int | float):
+        try:
+            mask = np.asarray(mask)
+        except ValueError:  # nested lists of different lengths
+            raise _not_rectangular(layer, received) from None
+        if mask.dtype.kind in "USa":
+            raise TypeError(f"`{layer}` got a mask of strings. Received: mask.dtype=string")
+        if mask.dtype == object:
+            raise _not_rectangular(layer, received)
     try:
-        mask = tf.convert_to_tensor(mask)
+        mask = ops.convert_to_tensor(mask)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"`{layer}` got a mask that is not a rectangular boolean tensor. "
-            f"Received: mask of type {type(mask).__name__}"
-        ) from None
-    if mask.dtype == tf.string:
+        raise _not_rectangular(layer, received) from None
+    dtype = keras.backend.standardize_dtype(mask.dtype)
+    if dtype == "string":
         raise TypeError(f"`{layer}` got a mask of strings. Received: mask.dtype=string")
-    if mask.dtype != tf.bool:
-        mask = tf.cast(mask, tf.bool)
-    if mask.shape.rank is None:
+    if dtype != "bool":
+        mask = ops.cast(mask, "bool")
+    rank, scores_rank = _static_rank(mask), len(scores.shape)
+    if rank is None:
         raise ValueError(f"`{layer}` needs a mask of known rank. Received: mask.shape={mask.shape}")
-    extra = scores.shape.rank - mask.shape.rank
-    if extra < 0 or not mask.shape.is_compatible_with(scores.shape[: mask.shape.rank]):
+    extra = scores_rank - rank
+    compatible = extra >= 0 and all(
+        m is None or s is None or m == s
+        for m, s in zip(tuple(mask.shape), tuple(scores.shape)[:rank], strict=True)
+    )
+    if not compatible:
         raise ValueError(
             f"`{layer}` got a mask whose shape is not a prefix of the scores' shape. "
-            f"Received: mask.shape={mask.shape}, scores.shape={scores.shape}"
+            f"Received: mask.shape={tuple(mask.shape)}, scores.shape={tuple(scores.shape)}"
         )
     if extra == 0:
         return mask
-    mask = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([extra], tf.int32)], 0))
-    return tf.broadcast_to(mask, tf.shape(scores))
+    for _ in range(extra):
+        mask = ops.expand_dims(mask, -1)
+    return ops.broadcast_to(mask, ops.shape(scores))
 
 
 def merge_masks(*masks):
@@ -128,9 +145,9 @@ def merge_masks(*masks):
     present = [m for m in masks if m is not None]
     if not present:
         return None
-    merged = keras.ops.cast(present[0], "bool")
+    merged = ops.cast(present[0], "bool")
     for m in present[1:]:
-        merged = keras.ops.logical_and(merged, keras.ops.cast(m, "bool"))
+        merged = ops.logical_and(merged, ops.cast(m, "bool"))
     return merged
 
 
@@ -146,53 +163,53 @@ class SoftLayer(keras.layers.Layer):
     anneal it with `set_epsilon` during `fit` without retracing the train function. With
     `trainable_epsilon=True` it holds `log(epsilon)` and is trained (epsilon stays positive).
     The weight is never autocast: the transport reads it in float32 (or float64) whatever the
-    dtype policy.
+    dtype policy. It is a `keras_softquantile.epsilon.EpsilonWeight`, which callbacks find
+    with `keras_softquantile.epsilon.epsilon_weights(model)`.
+
+    Args:
+        epsilon: positive float, the initial smoothing.
+        trainable_epsilon: learn `log(epsilon)`.
+        axis: the axis to select along.
+        solver: "auto", "newton" or "sinkhorn".
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
     """
 
-    def _init_common(self, epsilon, trainable_epsilon, axis, solver) -> None:
+    def __init__(self, epsilon, trainable_epsilon, axis, solver, **kwargs):
+        super().__init__(**kwargs)
         self.epsilon = check_epsilon(epsilon, self.compute_dtype)
         self.trainable_epsilon = check_bool(trainable_epsilon, "trainable_epsilon")
         self.axis = check_axis(axis)
-        self.solver = check_solver(solver)
+        self.solver = _validation.check_solver(solver)
         self.supports_masking = True
-        self.epsilon_variable = None
+        self._epsilon_weight = _epsilon.EpsilonWeight(
+            self.epsilon, trainable=self.trainable_epsilon, dtype_for_minimum=self.compute_dtype
+        )
+
+    @property
+    def epsilon_variable(self):
+        """The epsilon weight (`log(epsilon)` if trainable), a Keras variable; None before
+        `build`."""
+        return self._epsilon_weight.variable
 
     def _build_epsilon(self) -> None:
-        if self.trainable_epsilon:
-            self.epsilon_variable = self.add_weight(
-                name="log_epsilon",
-                shape=(),
-                initializer=keras.initializers.Constant(math.log(self.epsilon)),
-                trainable=True,
-                autocast=False,
-            )
-        else:
-            self.epsilon_variable = self.add_weight(
-                name="epsilon",
-                shape=(),
-                initializer=keras.initializers.Constant(self.epsilon),
-                trainable=False,
-                autocast=False,
-            )
+        self._epsilon_weight.build(self)
 
     def _require_built(self) -> None:
-        if self.epsilon_variable is None:
+        if not self._epsilon_weight.built:
             raise RuntimeError(
                 f"`{type(self).__name__}` has no epsilon weight before it is built. Call the "
                 "layer (or `layer.build(input_shape)`) first."
             )
 
-    def get_epsilon(self) -> tf.Tensor:
+    def get_epsilon(self):
         """The current epsilon as a scalar tensor (`exp` of the weight if trainable)."""
         self._require_built()
-        value = tf.convert_to_tensor(self.epsilon_variable)
-        return tf.exp(value) if self.trainable_epsilon else value
+        return self._epsilon_weight.value()
 
     def set_epsilon(self, value: float) -> None:
         """Assigns a new epsilon (> 0) to the weight, e.g. from an annealing callback."""
         self._require_built()
-        value = check_epsilon(value, self.compute_dtype)
-        self.epsilon_variable.assign(math.log(value) if self.trainable_epsilon else value)
+        self._epsilon_weight.assign(value)
 
     def _epsilon_config(self) -> dict:
         return {
@@ -215,13 +232,14 @@ def static_axis_length(axis: int, shape, layer: str, name: str = "inputs") -> in
     return int(n)
 
 
-def check_no_padding(mask, inputs: tf.Tensor, axis: int, layer: str) -> tf.Tensor | None:
+def check_no_padding(mask, inputs, axis: int, layer: str):
     """Checks that a Keras mask reaching a layer whose op has no padding support is all True.
 
-    Eagerly a `ValueError`; in a graph an assertion (`InvalidArgumentError`), on which the
-    returned tensor depends. XLA drops the assertion, so the layer must also pass its output
-    through `nan_where_padded` with the returned tensor: the rows (slices along `axis`) that
-    hold a padded entry then come out NaN, never a plausible sort of padding.
+    When values can be read (eager execution) a `ValueError`; inside a traced function a
+    TensorFlow graph assertion (`InvalidArgumentError`), on which the returned tensor depends.
+    XLA and `jax.jit` cannot raise, so the layer must also pass its output through
+    `nan_where_padded` with the returned tensor: the rows (slices along `axis`) that hold a
+    padded entry then come out NaN, never a plausible sort of padding.
 
     Args:
         mask: the Keras mask (a prefix of the shape of `inputs`), or None.
@@ -236,27 +254,24 @@ def check_no_padding(mask, inputs: tf.Tensor, axis: int, layer: str) -> tf.Tenso
     if mask is None:
         return None
     mask = scores_mask(mask, inputs, layer)
-    position = axis % inputs.shape.rank
-    rows_ok = tf.reduce_all(mask, axis=position, keepdims=True)
+    position = axis % len(inputs.shape)
+    rows_ok = ops.all(mask, axis=position, keepdims=True)
     message = (
         f"`{layer}` cannot exclude padded entries: its op has no mask support. Remove the mask "
         "(or use SoftTopK / SoftQuantileMasks, which honour it). Received: a mask with False "
         "entries"
     )
-    all_valid = tf.reduce_all(rows_ok)
-    if tf.executing_eagerly():
-        if not bool(all_valid):
-            padded = int(tf.size(mask)) - int(tf.math.count_nonzero(mask))
+    all_valid = ops.all(rows_ok)
+    if _values_readable(mask):
+        if not bool(ops.convert_to_numpy(all_valid)):
+            values = np.asarray(ops.convert_to_numpy(mask))
+            padded = int(values.size - np.count_nonzero(values))
             raise ValueError(f"{message} ({padded} of them)")
         return rows_ok
-    assertion = tf.debugging.Assert(all_valid, [message])
-    with tf.control_dependencies([assertion]):
-        return tf.identity(rows_ok)
+    return _backend.with_dependencies(rows_ok, _backend.assert_that(all_valid, [message]))
 
 
-def nan_where_padded(
-    output: tf.Tensor, rows_ok: tf.Tensor | None, axis: int, reduced: bool = False
-) -> tf.Tensor:
+def nan_where_padded(output, rows_ok, axis: int, reduced: bool = False):
     """`output` with NaN in the rows that `check_no_padding` found padded.
 
     Args:
@@ -267,11 +282,11 @@ def nan_where_padded(
         reduced: whether `output` lacks `axis`.
 
     Returns:
-        `output`, NaN in every row with padding (only reachable under XLA; elsewhere
-        `check_no_padding` has raised first).
+        `output`, NaN in every row with padding (only reachable inside a traced function;
+        elsewhere `check_no_padding` has raised first).
     """
-    if rows_ok is None or tf.executing_eagerly():
+    if rows_ok is None or _values_readable(rows_ok):
         return output
     if reduced:
-        rows_ok = tf.squeeze(rows_ok, axis=axis % rows_ok.shape.rank)
-    return tf.where(rows_ok, output, tf.constant(float("nan"), output.dtype))
+        rows_ok = ops.squeeze(rows_ok, axis=axis % len(rows_ok.shape))
+    return ops.where(rows_ok, output, ops.cast(float("nan"), output.dtype))

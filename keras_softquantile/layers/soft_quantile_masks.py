@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
@@ -54,15 +53,21 @@ class SoftQuantileMasks(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.quantiles = _base.check_quantiles(quantiles)
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
+        quantiles = _base.check_quantiles(quantiles)
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
+        self.quantiles = quantiles
 
     def build(self, input_shape: tuple | list) -> None:
         _base.normalize_axis(self.axis, input_shape, "SoftQuantileMasks")
         self._build_epsilon()
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs, mask=None):
         _base.check_float_input(inputs, "SoftQuantileMasks")
         return ops.soft_quantile_masks(
             inputs,
@@ -73,7 +78,7 @@ class SoftQuantileMasks(_base.SoftLayer):
             solver=self.solver,
         )
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
+    def compute_mask(self, inputs, mask=None):
         return mask
 
     def compute_output_shape(self, input_shape: tuple | list) -> tuple:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
 from keras_softquantile.ops import _validation
 
 __all__ = ["SoftQuantileSplit"]
-
-_OUTPUTS = ("weights", "mean", "sorted")
 
 
 @keras.saving.register_keras_serializable(package="keras_softquantile")
@@ -65,14 +62,19 @@ class SoftQuantileSplit(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.quantile = _validation.check_split_quantile(quantile)
-        if output not in _OUTPUTS:
-            raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
+        quantile = _validation.check_split_quantile(quantile)
+        _validation.check_split_output(output)
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
+        self.quantile = quantile
         # `Layer.output` is Keras's symbolic output (used by functional models), so the output
         # mode is kept as `output_mode`; `get_config` still lists it as `output`.
         self.output_mode = output
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
 
     @staticmethod
     def _split_shapes(input_shape) -> tuple[tuple, tuple]:
@@ -105,7 +107,7 @@ class SoftQuantileSplit(_base.SoftLayer):
             _base.static_axis_length(self.axis, scores_shape, "SoftQuantileSplit", "scores")
         self._build_epsilon()
 
-    def call(self, inputs, mask=None) -> tuple[tf.Tensor, tf.Tensor]:
+    def call(self, inputs, mask=None):
         values, scores = inputs
         _base.check_float_input(values, "SoftQuantileSplit", "values")
         _base.check_float_input(scores, "SoftQuantileSplit", "scores")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
@@ -20,9 +19,9 @@ class SoftQuantiles(_base.SoftLayer):
     interpolation (see `keras_softquantile.ops.soft_quantile`), converging to it as
     `epsilon -> 0`. A single level removes `axis`; a list of levels replaces it by one entry
     per level. The length of `axis` must be static. The op has no notion of padding: a Keras
-    mask is accepted only if it is all True (checked at run time: a `ValueError` eagerly, an
-    `InvalidArgumentError` in `tf.function`, NaN in the rows with padding under XLA), and the
-    output (a reduction) carries no mask.
+    mask is accepted only if it is all True (checked at run time: a `ValueError` eagerly;
+    inside a traced function, an `InvalidArgumentError` under `tf.function` and NaN in the
+    rows with padding under XLA or `jax.jit`), and the output (a reduction) carries no mask.
 
     >>> layer = keras_softquantile.layers.SoftQuantiles([0.5, 1.0], epsilon=1e-3)
     >>> layer(np.array([[4.0, 1.0, 3.0, 2.0]], "float32"))
@@ -56,18 +55,23 @@ class SoftQuantiles(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
         levels, scalar = _validation.check_probabilities(quantiles, name="quantiles")
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
         self.quantiles = levels[0] if scalar else list(levels)
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
 
     def build(self, input_shape: tuple | list) -> None:
         _base.static_axis_length(self.axis, input_shape, "SoftQuantiles")
         self._build_epsilon()
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs, mask=None):
         _base.check_float_input(inputs, "SoftQuantiles")
-        # XLA drops the assertion: rows holding padding then come out NaN.
+        # XLA and jax.jit cannot raise: rows holding padding then come out NaN.
         rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftQuantiles")
         output = ops.soft_quantile(
             inputs,
@@ -80,7 +84,7 @@ class SoftQuantiles(_base.SoftLayer):
             output, rows_ok, self.axis, reduced=not isinstance(self.quantiles, list)
         )
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
+    def compute_mask(self, inputs, mask=None):
         return None
 
     def compute_output_shape(self, input_shape: tuple | list) -> tuple:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
@@ -19,9 +18,9 @@ class SoftRank(_base.SoftLayer):
     or the largest with `descending=True`); see `keras_softquantile.ops.soft_rank`. Ranks sum
     to `n (n - 1) / 2` and converge to the hard ranks as `epsilon -> 0`. The length of `axis`
     must be static. The op has no notion of padding: a Keras mask is accepted only if it is
-    all True (checked at run time: a `ValueError` eagerly, an `InvalidArgumentError` in
-    `tf.function`, NaN in the rows with padding under XLA); it is passed on unchanged to the
-    output.
+    all True (checked at run time: a `ValueError` eagerly; inside a traced function, an
+    `InvalidArgumentError` under `tf.function` and NaN in the rows with padding under XLA or
+    `jax.jit`); it is passed on unchanged to the output.
 
     >>> layer = keras_softquantile.layers.SoftRank(epsilon=1e-3)
     >>> keras.ops.round(layer(np.array([[3.0, 1.0, 2.0]], "float32")))
@@ -54,17 +53,22 @@ class SoftRank(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
         self.descending = _base.check_bool(descending, "descending")
 
     def build(self, input_shape: tuple | list) -> None:
         _base.static_axis_length(self.axis, input_shape, "SoftRank")
         self._build_epsilon()
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs, mask=None):
         _base.check_float_input(inputs, "SoftRank")
-        # XLA drops the assertion: rows holding padding then come out NaN.
+        # XLA and jax.jit cannot raise: rows holding padding then come out NaN.
         rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftRank")
         output = ops.soft_rank(
             inputs,
@@ -75,7 +79,7 @@ class SoftRank(_base.SoftLayer):
         )
         return _base.nan_where_padded(output, rows_ok, self.axis)
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
+    def compute_mask(self, inputs, mask=None):
         return mask
 
     def compute_output_shape(self, input_shape: tuple | list) -> tuple:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
@@ -20,8 +19,9 @@ class SoftSort(_base.SoftLayer):
     combination of the inputs, the row sum is preserved exactly, and the output converges to
     the hard sort as `epsilon -> 0`. The length of `axis` must be static. The op has no notion
     of padding: a Keras mask is accepted only if it is all True (checked at run time: a
-    `ValueError` eagerly, an `InvalidArgumentError` in `tf.function`, NaN in the rows with
-    padding under XLA), and the output (sorted positions, not entries) carries no mask.
+    `ValueError` eagerly; inside a traced function, an `InvalidArgumentError` under
+    `tf.function` and NaN in the rows with padding under XLA or `jax.jit`), and the output
+    (sorted positions, not entries) carries no mask.
 
     >>> layer = keras_softquantile.layers.SoftSort(epsilon=1e-3)
     >>> layer(np.array([[3.0, 1.0, 2.0]], "float32"))
@@ -54,17 +54,22 @@ class SoftSort(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
         self.descending = _base.check_bool(descending, "descending")
 
     def build(self, input_shape: tuple | list) -> None:
         _base.static_axis_length(self.axis, input_shape, "SoftSort")
         self._build_epsilon()
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs, mask=None):
         _base.check_float_input(inputs, "SoftSort")
-        # XLA drops the assertion: rows holding padding then come out NaN.
+        # XLA and jax.jit cannot raise: rows holding padding then come out NaN.
         rows_ok = _base.check_no_padding(mask, inputs, self.axis, "SoftSort")
         output = ops.soft_sort(
             inputs,
@@ -75,7 +80,7 @@ class SoftSort(_base.SoftLayer):
         )
         return _base.nan_where_padded(output, rows_ok, self.axis)
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
+    def compute_mask(self, inputs, mask=None):
         return None
 
     def compute_output_shape(self, input_shape: tuple | list) -> tuple:

@@ -6,7 +6,6 @@ import math
 import numbers
 
 import keras
-import tensorflow as tf
 
 from keras_softquantile import ops
 from keras_softquantile.layers import _base
@@ -72,9 +71,15 @@ class SoftTopK(_base.SoftLayer):
         solver: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.k = _check_k(k)
-        self._init_common(epsilon, trainable_epsilon, axis, solver)
+        k = _check_k(k)
+        super().__init__(
+            epsilon=epsilon,
+            trainable_epsilon=trainable_epsilon,
+            axis=axis,
+            solver=solver,
+            **kwargs,
+        )
+        self.k = k
 
     @property
     def is_fraction(self) -> bool:
@@ -90,7 +95,7 @@ class SoftTopK(_base.SoftLayer):
             )
         self._build_epsilon()
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs, mask=None):
         _base.check_float_input(inputs, "SoftTopK")
         op_mask = _base.scores_mask(mask, inputs, "SoftTopK")
         epsilon = self.get_epsilon()
@@ -110,7 +115,7 @@ class SoftTopK(_base.SoftLayer):
             inputs, self.k, epsilon=epsilon, axis=self.axis, mask=op_mask, solver=self.solver
         )
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
+    def compute_mask(self, inputs, mask=None):
         return mask
 
     def compute_output_shape(self, input_shape: tuple | list) -> tuple:
