@@ -8,14 +8,19 @@ portfolio). It shows that the hard selection's gradient is exactly zero, trains
 `QuantileObjectiveModel` with `fit` (progress bar, TensorBoard logs, epsilon annealing) and
 compares the hard objective at the start, after training, for `theta*` and for least squares.
 
+`--backend` chooses the Keras backend (tensorflow, jax or torch; by default `KERAS_BACKEND`, or
+tensorflow): the demo sets `KERAS_BACKEND` before it imports Keras.
+
 The options are checked before anything is imported beyond the standard library (and NumPy,
 to generate the data), so `--help` and a bad option answer at once; Keras and TensorFlow are
-imported only to run the demo.
+imported only to run the demo (TensorFlow also under the other backends: the TensorBoard logs
+are written with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
 
 OBJECTIVES = ("spread", "rank_weighted_spread")
 ESTIMATORS = ("ot", "perturbed")
+BACKENDS = ("tensorflow", "jax", "torch")
 
 # The demo computes in float32. Its smallest epsilon is the package's minimum for float32
 # scores, 8 machine epsilons (`keras_softquantile.ops._validation.epsilon_minimum`).
@@ -90,6 +96,35 @@ def _import_tensorflow_quietly() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _tensorflow_logs.import_tensorflow()
+    if "tensorflow" not in sys.modules:
+        # Keras on JAX or PyTorch: TensorFlow still writes the TensorBoard logs.
+        with _tensorflow_logs.native_log_lines_hidden(_tensorflow_logs.min_log_level()):
+            import tensorflow  # noqa: F401
+
+
+# ----------------------------------------------------------------- the Keras backend
+
+
+def _imported_backend() -> str | None:
+    """The backend of the Keras already imported in this process, or None."""
+    keras = sys.modules.get("keras")
+    backend = getattr(getattr(keras, "backend", None), "backend", None)
+    return backend() if callable(backend) else None
+
+
+def _use_backend(backend: str) -> None:
+    """Makes `backend` Keras's backend: sets KERAS_BACKEND before Keras is imported.
+
+    Raises:
+        RuntimeError: Keras is already imported with another backend (it cannot change).
+    """
+    imported = _imported_backend()
+    if imported is not None and imported != backend:
+        raise RuntimeError(
+            f"Keras is already imported with the backend {imported!r}, and a process cannot "
+            f"change it: run the demo in a new process. Received: backend={backend!r}"
+        )
+    os.environ["KERAS_BACKEND"] = backend
 
 
 # ----------------------------------------------------------------- the demo
@@ -108,10 +143,20 @@ def _smallest_n(quantile: float) -> int:
     return n
 
 
-def _hard_gradient_norms(tf, A, B, theta, quantile: float) -> dict[str, float]:
-    """Gradient norms of the hard-selection spread with respect to theta (both are zero)."""
-    n = A.shape[-1]
-    k = _split_size(quantile, n)
+def _hard_gradient_norms(backend: str, A, B, theta, quantile: float) -> dict[str, float]:
+    """Gradient norms of the hard-selection spread with respect to theta (both are zero),
+    through the backend's own argsort and top-k, differentiated by the backend."""
+    k = _split_size(quantile, A.shape[-1])
+    if backend == "jax":
+        return _jax_hard_gradient_norms(A, B, theta, k)
+    if backend == "torch":
+        return _torch_hard_gradient_norms(A, B, theta, k)
+    return _tensorflow_hard_gradient_norms(A, B, theta, k)
+
+
+def _tensorflow_hard_gradient_norms(A, B, theta, k: int) -> dict[str, float]:
+    import tensorflow as tf
+
     theta = tf.Variable(theta)
     norms = {}
     with tf.GradientTape(persistent=True) as tape:
@@ -130,6 +175,52 @@ def _hard_gradient_norms(tf, A, B, theta, quantile: float) -> dict[str, float]:
     return norms
 
 
+def _jax_hard_gradient_norms(A, B, theta, k: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    def argsort_spread(theta):
+        order = jnp.argsort(B @ theta, axis=-1)
+        ordered = jnp.take_along_axis(A, order, axis=-1)
+        return jnp.mean(ordered[:, :k]) - jnp.mean(ordered[:, -k:])
+
+    def top_k_spread(theta):
+        scores = B @ theta
+        top = jax.lax.top_k(scores, k)[1]
+        bottom = jax.lax.top_k(-scores, k)[1]
+        return jnp.mean(jnp.take_along_axis(A, bottom, axis=-1)) - jnp.mean(
+            jnp.take_along_axis(A, top, axis=-1)
+        )
+
+    theta = jnp.asarray(theta)
+    return {
+        name: float(jnp.linalg.norm(jax.grad(spread)(theta)))
+        for name, spread in (("jnp.argsort", argsort_spread), ("jax.lax.top_k", top_k_spread))
+    }
+
+
+def _torch_hard_gradient_norms(A, B, theta, k: int) -> dict[str, float]:
+    import torch
+
+    A, B = torch.as_tensor(A), torch.as_tensor(B)
+    theta = torch.tensor(theta, requires_grad=True)
+    scores = B @ theta
+    by_argsort = torch.gather(A, -1, torch.argsort(scores, dim=-1))
+    argsort_spread = by_argsort[:, :k].mean() - by_argsort[:, -k:].mean()
+    top = torch.topk(scores, k).indices
+    bottom = torch.topk(-scores, k).indices
+    top_k_spread = torch.gather(A, -1, bottom).mean() - torch.gather(A, -1, top).mean()
+    norms = {}
+    for name, value in (("torch.argsort", argsort_spread), ("torch.topk", top_k_spread)):
+        # The spread does not depend on theta through any differentiable operation: autograd
+        # then has no graph to follow (`requires_grad` is False), the gradient is zero.
+        gradient = (
+            torch.autograd.grad(value, theta, allow_unused=True)[0] if value.requires_grad else None
+        )
+        norms[name] = 0.0 if gradient is None else float(torch.linalg.norm(gradient))
+    return norms
+
+
 def demo(args: argparse.Namespace, problem: _Problem | None = None) -> int:
     """Runs the demo: the hard gradient, training with `fit`, and the table of results.
 
@@ -140,18 +231,21 @@ def demo(args: argparse.Namespace, problem: _Problem | None = None) -> int:
     Returns:
         The exit status, 0.
     """
+    backend = getattr(args, "backend", None) or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    _use_backend(backend)
     _import_tensorflow_quietly()
+    if backend != "tensorflow":
+        _keep_tensorflow_off_accelerators()
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import keras_softquantile as ksq
 
-    # Python's, NumPy's and TensorFlow's global seeds: fit's shuffle draws from them.
+    # Python's, NumPy's and the backend's global seeds: fit's shuffle draws from them.
     keras.utils.set_random_seed(args.seed)
     A, B, theta_star, theta_start = _make_problem(args) if problem is None else problem
 
-    norms = _hard_gradient_norms(tf, A, B, theta_start, args.quantile)
+    norms = _hard_gradient_norms(backend, A, B, theta_start, args.quantile)
     print("Hard quartile selection: gradient of the spread with respect to theta")
     for name, norm in norms.items():
         print(f"  through {name:<14} norm {norm:.1f}  (the selection is piecewise constant)")
@@ -185,7 +279,8 @@ def demo(args: argparse.Namespace, problem: _Problem | None = None) -> int:
     ]
     print(
         f"\nTraining QuantileObjectiveModel({args.objective!r}, output={output!r}, "
-        f"gradient_estimator={args.estimator!r}) on {args.instances} instances of "
+        f"gradient_estimator={args.estimator!r}) with the {backend} backend on "
+        f"{args.instances} instances of "
         f"n={args.n}, M={args.features}; epsilon annealed {10 * args.epsilon:g} -> "
         f"{args.epsilon:g}.\nTensorBoard logs: {logdir}  (view: tensorboard --logdir {logdir})\n"
     )
@@ -216,6 +311,16 @@ def demo(args: argparse.Namespace, problem: _Problem | None = None) -> int:
     model.theta.assign(trained)
     print(f"\nTensorBoard logs: {logdir}")
     return 0
+
+
+def _keep_tensorflow_off_accelerators() -> None:
+    """Under JAX or PyTorch, TensorFlow only writes the TensorBoard logs: it must not take the
+    GPU memory (it reserves all of it when it first runs on a GPU)."""
+    import tensorflow as tf
+
+    # RuntimeError: TensorFlow's devices are already initialized (it then keeps them).
+    with contextlib.suppress(RuntimeError, ValueError):
+        tf.config.set_visible_devices([], "GPU")
 
 
 def _default_logdir() -> str:
@@ -359,6 +464,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument(
         "--logdir", default=None, help="TensorBoard directory (default: ./runs/<timestamp>)"
     )
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("KERAS_BACKEND") or "tensorflow",
+        help="Keras backend (sets KERAS_BACKEND; default: KERAS_BACKEND, or tensorflow)",
+    )
     return parser, run
 
 
@@ -377,6 +488,18 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         )
     if args.logdir is not None and os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
         parser.error(f"argument --logdir: must be a directory, not a file. Received: {args.logdir}")
+    if args.backend not in BACKENDS:  # the default, from KERAS_BACKEND, is not checked by choices
+        parser.error(
+            f"argument --backend: must be one of {', '.join(BACKENDS)} (the default comes from "
+            f"KERAS_BACKEND). Received: {args.backend}"
+        )
+    imported = _imported_backend()
+    if imported is not None and imported != args.backend:
+        parser.error(
+            f"argument --backend: Keras is already imported in this process with the backend "
+            f"{imported!r}, which cannot change: run the demo in a new process. "
+            f"Received: {args.backend}"
+        )
 
 
 def _check_problem(
@@ -446,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = _make_problem(args)
     _check_problem(demo_parser, args, problem)
     _make_logdir(demo_parser, args)
+    _use_backend(args.backend)  # before anything imports Keras
     return demo(args, problem)
 
 

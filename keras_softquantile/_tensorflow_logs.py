@@ -116,13 +116,17 @@ def native_log_lines_hidden(level: int) -> Iterator[None]:
 
 
 def import_tensorflow() -> None:
-    """Imports TensorFlow and Keras, hiding the C++ log lines below TF_CPP_MIN_LOG_LEVEL.
+    """Imports Keras and, when Keras runs on TensorFlow, TensorFlow, hiding the C++ log lines
+    below TF_CPP_MIN_LOG_LEVEL.
 
-    Does nothing when TensorFlow is already imported, and only imports when the variable is
-    unset or 0.
+    Under the JAX and PyTorch backends TensorFlow is not imported here (it is imported later
+    only by what needs it, such as `SelectionMonitor`'s summaries). Does nothing when
+    TensorFlow is already imported.
     """
     if "tensorflow" in sys.modules:
         return
     with native_log_lines_hidden(min_log_level()):
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401

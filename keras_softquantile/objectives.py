@@ -10,7 +10,7 @@ scalar; the model minimises its mean.
 * `output="mean"`: each argument is the weighted mean, `[batch]`.
 * `output="sorted"`: each argument holds the selected values ordered by ascending score,
   `[batch, k]` with `k = floor(q * n)`: the soft counterpart of
-  `tf.gather(A, tf.argsort(C))[:, :k]` and `[:, -k:]`.
+  `keras.ops.take_along_axis(A, keras.ops.argsort(C), axis=-1)[:, :k]` and `[:, -k:]`.
 
 The model also evaluates the objective on the hard selection (without gradient), passing the
 same structure with 0/1 weights, so the `hard_objective` metric is the same `f` at epsilon 0.
@@ -20,6 +20,10 @@ Built-in objectives, by name: `"spread"` (any output) and `"rank_weighted_spread
 `keras.saving.register_keras_serializable` so a saved model reloads it with `safe_mode` on. An
 objective that needs one output mode can say so in a `required_output` attribute
 (`f.required_output = "sorted"`), which the model checks at construction.
+
+The built-in objectives are written on `keras.ops`, so they run under every Keras backend
+(TensorFlow, JAX, PyTorch); write your own on `keras.ops` too for the same reach (an objective
+written with `tf` ops runs only under the TensorFlow backend).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 __all__ = ["Selection", "get", "rank_weighted_spread", "serialize", "spread"]
 
@@ -42,29 +46,29 @@ class Selection(NamedTuple):
         weights: `[batch, n]` membership of each entry in the selection, in [0, 1].
     """
 
-    values: tf.Tensor
-    weights: tf.Tensor
+    values: object
+    weights: object
 
-    def total(self) -> tf.Tensor:
+    def total(self):
         """Selected mass per instance, `[batch]` (`q * n` for the soft selection)."""
-        return tf.reduce_sum(self.weights, axis=-1)
+        return ops.sum(self.weights, axis=-1)
 
-    def mean(self) -> tf.Tensor:
+    def mean(self):
         """Membership-weighted mean of the values per instance, `[batch]`."""
         total = self.total()
-        safe = tf.where(total > 0, total, tf.ones_like(total))
-        return tf.reduce_sum(self.weights * self.values, axis=-1) / safe
+        safe = ops.where(total > 0, total, ops.ones_like(total))
+        return ops.sum(self.weights * self.values, axis=-1) / safe
 
 
-def _mean_of(selection) -> tf.Tensor:
+def _mean_of(selection):
     if isinstance(selection, Selection):
         return selection.mean()
-    selection = tf.convert_to_tensor(selection)
-    return selection if selection.shape.rank == 1 else tf.reduce_mean(selection, axis=-1)
+    selection = ops.convert_to_tensor(selection)
+    return selection if len(selection.shape) == 1 else ops.mean(selection, axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="keras_softquantile")
-def spread(low, high) -> tf.Tensor:
+def spread(low, high):
     """The quartile spread `mean(A_low) - mean(A_high)`, per instance.
 
     Minimising it ranks high the entries with high values: it is minus the return of a
@@ -81,14 +85,14 @@ def spread(low, high) -> tf.Tensor:
     return _mean_of(low) - _mean_of(high)
 
 
-def _rank_weights(k: int, dtype: tf.DType, increasing: bool) -> tf.Tensor:
-    steps = tf.range(1, k + 1, dtype=dtype)
-    weights = steps if increasing else tf.reverse(steps, [0])
-    return weights / tf.reduce_sum(weights)
+def _rank_weights(k: int, dtype: str, increasing: bool):
+    steps = ops.arange(1, k + 1, dtype=dtype)
+    weights = steps if increasing else ops.flip(steps, axis=0)
+    return weights / ops.sum(weights)
 
 
 @keras.saving.register_keras_serializable(package="keras_softquantile")
-def rank_weighted_spread(low, high) -> tf.Tensor:
+def rank_weighted_spread(low, high):
     """The spread with linearly more weight on the more extreme scores, per instance.
 
     With `A_low` and `A_high` ordered by ascending score (as `output="sorted"` gives them),
@@ -110,23 +114,24 @@ def rank_weighted_spread(low, high) -> tf.Tensor:
             "`rank_weighted_spread` depends on the order of the selected values: use it with "
             "output='sorted'. Received: a Selection (output='weights')"
         )
-    low = tf.convert_to_tensor(low)
-    high = tf.convert_to_tensor(high)
-    if low.shape.rank != 2 or high.shape.rank != 2:
+    low = ops.convert_to_tensor(low)
+    high = ops.convert_to_tensor(high)
+    if len(low.shape) != 2 or len(high.shape) != 2:
         raise ValueError(
             "`rank_weighted_spread` needs the sorted selections `[batch, k]` of "
-            f"output='sorted'. Received: low.shape={low.shape}, high.shape={high.shape}"
+            f"output='sorted'. Received: low.shape={tuple(low.shape)}, "
+            f"high.shape={tuple(high.shape)}"
         )
     k = low.shape[-1]
     if k is None:
         raise ValueError(
-            f"`rank_weighted_spread` needs a static k. Received: low.shape={low.shape}"
+            f"`rank_weighted_spread` needs a static k. Received: low.shape={tuple(low.shape)}"
         )
     if k == 0:
-        return tf.zeros(tf.shape(low)[:1], low.dtype)
-    low_weights = _rank_weights(k, low.dtype, increasing=False)
-    high_weights = _rank_weights(k, high.dtype, increasing=True)
-    return tf.linalg.matvec(low, low_weights) - tf.linalg.matvec(high, high_weights)
+        return ops.sum(low, axis=-1)  # [batch] zeros
+    low_weights = _rank_weights(k, keras.backend.standardize_dtype(low.dtype), increasing=False)
+    high_weights = _rank_weights(k, keras.backend.standardize_dtype(high.dtype), increasing=True)
+    return ops.matmul(low, low_weights) - ops.matmul(high, high_weights)
 
 
 # An objective that needs one `output` mode says so in this attribute; the model checks it.

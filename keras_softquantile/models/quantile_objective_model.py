@@ -7,45 +7,84 @@ import math
 import numbers
 import random
 import warnings
+from typing import NamedTuple
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_softquantile import objectives, ops
+from keras_softquantile import objectives
+from keras_softquantile import ops as soft_ops
+from keras_softquantile.epsilon import EpsilonWeight, check_epsilon
+from keras_softquantile.models import _steps
 from keras_softquantile.models.linear_scorer import LinearScorer
-from keras_softquantile.ops import _validation
+from keras_softquantile.ops import _backend, _validation
 from keras_softquantile.ops.perturbed import check_num_samples
 
 __all__ = ["QuantileObjectiveModel"]
 
-_OUTPUTS = ("weights", "mean", "sorted")
 _ESTIMATORS = ("ot", "perturbed")
-_SOLVERS = ("auto", "newton", "sinkhorn")
 
 
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a positive float. Received: {name}={value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
-    return float(value)
+def _dtype(x) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
 
 
-def _shape_string(tensor: tf.Tensor) -> tf.Tensor:
-    """The dynamic shape of a tensor as a string tensor, "(2, 30)"."""
-    parts = tf.strings.reduce_join(tf.strings.as_string(tf.shape(tensor)), separator=", ")
-    return tf.strings.join(["(", parts, ")"])
+def _is_float(x) -> bool:
+    return _dtype(x).startswith(("float", "bfloat"))
+
+
+def _compatible(a: tuple, b: tuple) -> bool:
+    """Whether two static shapes (None: unknown) can be equal."""
+    if len(a) != len(b):
+        return False
+    return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
+
+def _features_of(inputs):
+    """The features B of what the model is called on: B, an `(A, B)` pair or a dict."""
+    if isinstance(inputs, dict) and set(inputs) == {"values", "features"}:
+        return inputs["features"]
+    if isinstance(inputs, tuple | list) and len(inputs) == 2:
+        return inputs[1]
+    return inputs
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, tuple | list) and all(
+        d is None or isinstance(d, numbers.Integral) for d in shape
+    )
+
+
+class _DataRules(NamedTuple):
+    """The element-wise data rules of a batch (tensors of the active backend)."""
+
+    padding: object  # A is NaN [batch, n]
+    bad_features: object  # B not finite where A is not NaN [batch, n, M]
+    short: object  # too few valid entries [batch]
+    length: object  # valid entries [batch], int32
+    ok: object  # every rule holds, a boolean scalar
+
+
+class _Forward(NamedTuple):
+    """What a step's forward pass leaves for the metrics (no gradient is taken of it)."""
+
+    values: object  # A, zero at padding [batch, n]
+    scores: object  # [batch, n]
+    valid: object  # not padding [batch, n]
+    low_weights: object  # soft membership of the lower bucket [batch, n]
+    high_weights: object  # soft membership of the upper bucket [batch, n]
+    epsilon: object  # the epsilon of the step, a scalar
 
 
 @keras.saving.register_keras_serializable(package="keras_softquantile")
-class QuantileObjectiveModel(keras.Model):
+class QuantileObjectiveModel(_steps.BackendSteps, keras.Model):
     """Learns scores `C = scorer(B)` whose lower/upper quantile selection minimises `f`.
 
     Each instance (a batch row) has values `A` `[n]` and features `B` `[n, M]`; all instances
     share the scorer (by default `C = B @ theta`, with `theta` exposed as `model.theta`).
     `A_low` and `A_high` are the entries of `A` whose scores fall in the lower and upper
-    `quantile` of `C`. The hard selection (`tf.argsort`) has a zero gradient in `theta`, so
+    `quantile` of `C`. The hard selection (`argsort`) has a zero gradient in `theta`, so
     training minimises the mean over instances of `f(A_low, A_high)` on a smooth selection:
 
     * `gradient_estimator="ot"`: `keras_softquantile.ops.soft_quantile_split`, entropic
@@ -59,8 +98,15 @@ class QuantileObjectiveModel(keras.Model):
     `Selection(values, weights)` pairs ("weights"), weighted means ("mean"), or the selected
     values in ascending score order ("sorted").
 
-    Data: `fit(x=(A, B))` or a `tf.data.Dataset` of `(A, B)` pairs, `A` `[batch, n]` and `B`
-    `[batch, n, M]`, cast to float32 (float64 for a model with `dtype="float64"`).
+    The model trains with `fit` under every Keras backend (TensorFlow, JAX, PyTorch): the
+    forward pass, the loss and the metrics are written once on `keras.ops`, and only the
+    optimizer step is written per backend (a `tf.GradientTape`; `jax.value_and_grad` of a
+    stateless forward pass; `loss.backward()`), chosen from `keras.backend.backend()`.
+
+    Data: `fit(x=(A, B))` or a dataset of `(A, B)` pairs (a `tf.data.Dataset`, or a
+    `keras.utils.PyDataset` / `torch` `DataLoader` where the backend takes them), `A`
+    `[batch, n]` and `B` `[batch, n, M]`, cast to float32 (float64 for a model with
+    `dtype="float64"`).
 
     * NaN in `A` marks padding: instances of different lengths are padded to a common n with
       NaN in `A`, and the entries of `B` there are ignored (they may be NaN too). Padding
@@ -79,13 +125,14 @@ class QuantileObjectiveModel(keras.Model):
     and padding with `output="sorted"`.
 
     `fit`, `evaluate` and `predict` check every batch (one pass over `A` and `B`) before the
-    step runs, outside the step's XLA function, so the rules hold with `jit_compile` True or
-    False, for arrays and datasets alike: a bad batch raises, before any update, a
-    `ValueError` (with `run_eagerly=True`) or an `InvalidArgumentError` (from the graph) whose
-    message names `A` or `B`, the rule and the first bad entry, indexed within the batch
+    step runs, outside the step's compiled function (XLA, `jax.jit` or `torch.compile`), so
+    the rules hold with `jit_compile` True or False, for arrays and datasets alike: a bad
+    batch raises, before any update, a `ValueError` (JAX, PyTorch, and TensorFlow with
+    `run_eagerly=True`) or a TensorFlow `InvalidArgumentError` (from the graph) whose message
+    names `A` or `B`, the rule and the first bad entry, indexed within the batch
     (`Received: B[1, 3, 0]=nan`). Instances too short for a static n raise a `ValueError` when
     the step is traced. `selection` checks its arguments in the same way; inside your own
-    XLA-compiled function that check cannot raise, so call it outside.
+    compiled function (XLA, `jax.jit`) that check cannot raise, so call it outside.
 
     Metrics (each epoch's mean, under these names in the logs and in TensorBoard): `loss`
     (the soft objective plus any regularization losses), `hard_objective` (`f` on the hard
@@ -110,8 +157,9 @@ class QuantileObjectiveModel(keras.Model):
 
     Args:
         objective: "spread", "rank_weighted_spread" (needs `output="sorted"`), or a callable
-            `f(low, high)` returning `[batch]` values or a scalar, to minimise. Register your
-            own function with `keras.saving.register_keras_serializable` to save the model.
+            `f(low, high)` returning `[batch]` values or a scalar, to minimise (write it on
+            `keras.ops` to train under every backend). Register your own function with
+            `keras.saving.register_keras_serializable` to save the model.
         num_features: M, for the default linear scorer (or None to take it from the data).
         scorer: a Keras layer or model mapping `B` `[batch, n, M]` to scores `[batch, n]` (or
             `[batch, n, 1]`); default `LinearScorer(num_features)`.
@@ -157,9 +205,8 @@ class QuantileObjectiveModel(keras.Model):
         # Kept as given (a name or a callable); `get_config` serializes it.
         self.objective = objective if isinstance(objective, str) else self.objective_function
         self.quantile = _validation.check_split_quantile(quantile)
-        self.epsilon = _check_positive(epsilon, "epsilon")
-        if output not in _OUTPUTS:
-            raise ValueError(f"`output` must be one of {_OUTPUTS}. Received: output={output!r}")
+        self.epsilon = check_epsilon(epsilon)
+        _validation.check_split_output(output)
         required = getattr(self.objective_function, "required_output", None)
         if required is not None and output != required:
             raise ValueError(
@@ -175,10 +222,8 @@ class QuantileObjectiveModel(keras.Model):
             )
         self.gradient_estimator = gradient_estimator
         self.num_samples = check_num_samples(num_samples)
-        self.sigma = _check_positive(sigma, "sigma")
-        if solver not in _SOLVERS:
-            raise ValueError(f"`solver` must be one of {_SOLVERS}. Received: solver={solver!r}")
-        self.solver = solver
+        self.sigma = _validation.check_positive(sigma, "sigma")
+        self.solver = _validation.check_solver(solver)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"`seed` must be an int or None. Received: seed={seed!r}")
         self.seed = seed
@@ -203,26 +248,29 @@ class QuantileObjectiveModel(keras.Model):
             )
         self.num_features = num_features
         self.scorer = scorer
-        self.epsilon_variable = self.add_weight(
-            name="epsilon",
-            shape=(),
-            initializer=keras.initializers.Constant(self.epsilon),
-            trainable=False,
-            autocast=False,
-        )
+        # The model's own variables, in this order (saved `.keras` files and
+        # `BackupAndRestore` checkpoints list them by position): "epsilon", then
+        # "perturbation_seed" for the perturbed estimator.
+        self._epsilon_weight = EpsilonWeight(self.epsilon)
+        self._epsilon_weight.build(self)
         # The perturbed estimator's random state `[seed, counter]` is a weight of the model
-        # (created after `epsilon_variable`, so it is the last of the model's own variables):
+        # (created after the epsilon weight, so it is the last of the model's own variables):
         # it is saved by `save`, `save_weights` and `BackupAndRestore`, so a resumed `fit`
         # draws the same noise as an uninterrupted one. (A `keras.random.SeedGenerator`
         # state is not saved.)
         self.perturbation_seed = None
         if gradient_estimator == "perturbed":
             initial = random.randint(1, int(1e9)) if seed is None else int(seed)
+            # int64, except on JAX without `jax_enable_x64` (no 64-bit types: int32, which
+            # holds the seeds and step counts as well; saved files load across backends).
+            seed_dtype = "int64" if _backend.float64_available() else "int32"
             self.perturbation_seed = self.add_weight(
                 name="perturbation_seed",
                 shape=(2,),
-                dtype="int64",
-                initializer=lambda shape, dtype: tf.constant([initial, 0], dtype),
+                dtype=seed_dtype,
+                initializer=lambda shape, dtype: ops.convert_to_tensor(
+                    np.array([initial, 0], dtype), dtype
+                ),
                 trainable=False,
                 autocast=False,
             )
@@ -262,22 +310,45 @@ class QuantileObjectiveModel(keras.Model):
             )
         return self.scorer.theta
 
-    def get_epsilon(self) -> tf.Tensor:
-        """The current epsilon, a float32 scalar tensor."""
-        return tf.convert_to_tensor(self.epsilon_variable)
+    @property
+    def epsilon_variable(self):
+        """The non-trainable weight "epsilon" (a Keras variable) that the steps read."""
+        return self._epsilon_weight.variable
+
+    def get_epsilon(self):
+        """The current epsilon, a float32 scalar tensor of the active backend (float64 for a
+        float64 model)."""
+        self._sync_backend_state()
+        return self._epsilon_weight.value()
 
     def set_epsilon(self, value: float) -> None:
         """Assigns a new epsilon (a finite float > 0) without retracing the train function."""
-        self.epsilon_variable.assign(_check_positive(value, "epsilon"))
+        value = check_epsilon(value)
+        self._sync_backend_state()
+        self._epsilon_weight.assign(value)
 
     # ----------------------------------------------------------------- forward
 
     def build(self, input_shape) -> None:
-        input_shape = tuple(input_shape)
+        """Builds the scorer for features `[batch, n, M]` (or an `(A, B)` pair of shapes)."""
+        input_shape = self._feature_shape(input_shape)
         self._check_feature_shape(input_shape)
         if not self.scorer.built:
             self.scorer.build(input_shape)
         self.built = True
+
+    @staticmethod
+    def _feature_shape(input_shape) -> tuple:
+        """The shape of B from the shape Keras builds with: B's, or those of `(A, B)`."""
+        if isinstance(input_shape, dict) and set(input_shape) == {"values", "features"}:
+            input_shape = input_shape["features"]
+        elif (
+            isinstance(input_shape, tuple | list)
+            and len(input_shape) == 2
+            and all(_is_shape(shape) for shape in input_shape)
+        ):
+            input_shape = input_shape[1]
+        return tuple(input_shape)
 
     def _check_feature_shape(self, shape: tuple) -> None:
         if len(shape) != 3:
@@ -292,19 +363,19 @@ class QuantileObjectiveModel(keras.Model):
             )
 
     def call(self, features, training=None):
-        """Scores `[batch, n]` of features `[batch, n, M]`."""
-        scores = self.scorer(features, training=training)
-        if scores.shape.rank == 3 and scores.shape[-1] == 1:
-            scores = keras.ops.squeeze(scores, -1)
-        if scores.shape.rank != 2:
+        """Scores `[batch, n]` of features `[batch, n, M]` (or of the B of an `(A, B)` pair)."""
+        scores = self.scorer(_features_of(features), training=training)
+        if len(scores.shape) == 3 and scores.shape[-1] == 1:
+            scores = ops.squeeze(scores, -1)
+        if len(scores.shape) != 2:
             raise ValueError(
                 "The scorer must map features [batch, n, M] to scores [batch, n] or "
-                f"[batch, n, 1]. Received: scores.shape={scores.shape}"
+                f"[batch, n, 1]. Received: scores.shape={tuple(scores.shape)}"
             )
         return scores
 
     def compute_output_shape(self, input_shape) -> tuple:
-        return tuple(input_shape[:2])
+        return tuple(self._feature_shape(input_shape)[:2])
 
     # ----------------------------------------------------------------- data
 
@@ -336,48 +407,48 @@ class QuantileObjectiveModel(keras.Model):
             )
         return self._check_data(*pair)
 
-    def _work_dtype(self) -> tf.DType:
+    def _work_dtype(self) -> str:
         """The dtype of A, B and the selection: float64 for a float64 model, else float32."""
-        return tf.float64 if self.compute_dtype == "float64" else tf.float32
+        return "float64" if self.compute_dtype == "float64" else "float32"
 
     def _check_data(self, values, features):
         """Static checks of `(A, B)` (`A` None: features alone), cast to the work dtype."""
-        features = tf.convert_to_tensor(features)
-        values = (
-            tf.zeros(tf.shape(features)[:2], features.dtype)
-            if values is None
-            else tf.convert_to_tensor(values)
-        )
-        for tensor, name in ((values, "A"), (features, "B")):
-            if not tensor.dtype.is_floating:
+        # The dtypes as given (JAX without `jax_enable_x64` would make an int64 array int32).
+        given = [_dtype(x) if hasattr(x, "dtype") else None for x in (values, features)]
+        features = ops.convert_to_tensor(features)
+        if values is None:  # features alone (`predict(B)`)
+            self._check_feature_shape(tuple(features.shape))
+            values = ops.zeros_like(features[..., 0])
+            given[0] = given[1]
+        else:
+            values = ops.convert_to_tensor(values)
+        for tensor, name, dtype in ((values, "A", given[0]), (features, "B", given[1])):
+            if not _is_float(tensor):
                 raise TypeError(
                     f"`QuantileObjectiveModel` expects floating-point {name}. "
-                    f"Received: {name}.dtype={tensor.dtype.name}"
+                    f"Received: {name}.dtype={dtype or _dtype(tensor)}"
                 )
-        if values.shape.rank != 2:
+        if len(values.shape) != 2:
             raise ValueError(
                 "`QuantileObjectiveModel` expects values A of shape [batch, n] (one row per "
-                f"instance). Received: A.shape={values.shape}"
+                f"instance). Received: A.shape={tuple(values.shape)}"
             )
         self._check_feature_shape(tuple(features.shape))
-        if not values.shape.is_compatible_with(features.shape[:2]):
+        if not _compatible(tuple(values.shape), tuple(features.shape[:2])):
             raise ValueError(
                 "A [batch, n] and B [batch, n, M] must agree on batch and n. "
-                f"Received: A.shape={values.shape}, B.shape={features.shape}"
+                f"Received: A.shape={tuple(values.shape)}, B.shape={tuple(features.shape)}"
             )
         dtype = self._work_dtype()
-        return tf.cast(values, dtype), tf.cast(features, dtype)
+        return ops.cast(values, dtype), ops.cast(features, dtype)
 
     def _min_length(self) -> int:
         """The fewest valid entries of an instance whose buckets hold >= 1 entry each."""
-        length = max(1, math.ceil(1 / self.quantile) - 1)
-        while math.floor(self.quantile * length + 1e-9) < 1:
-            length += 1
-        return length
+        return _validation.min_split_length(self.quantile)
 
     def _max_abs_value(self) -> float:
         """The largest |A| accepted: the fourth root of the work dtype's largest value."""
-        return float(np.finfo(self._work_dtype().as_numpy_dtype).max) ** 0.25
+        return float(np.finfo(self._work_dtype()).max) ** 0.25
 
     def _check_length(self, values) -> None:
         """Raises if the static n is too short for the split (trace time, so also under XLA)."""
@@ -386,199 +457,135 @@ class QuantileObjectiveModel(keras.Model):
             raise ValueError(
                 f"At quantile={self.quantile} each instance needs at least "
                 f"{self._min_length()} valid entries, so that each bucket holds "
-                f"floor(quantile * n) >= 1 of them. Received: A.shape={values.shape}"
+                f"floor(quantile * n) >= 1 of them. Received: A.shape={tuple(values.shape)}"
             )
 
-    def _check_values(self, values, features, objective: bool = True):
+    def _check_values(self, values, features, objective: bool = True) -> list:
         """Checks the values of a batch `(A, B)` (already through `_check_data`).
 
         Rules: `A` is finite or NaN (padding); `B` is finite wherever `A` is not NaN; for the
         objective (`objective=True`: `fit`, `evaluate`, soft selections) also `|A| <=
         _max_abs_value()`, at least `_min_length()` valid entries per instance and, with
-        `output="sorted"`, no padding. Eagerly a failure raises `ValueError`; in a graph this
-        returns an assertion op, which raises `InvalidArgumentError` with the same message.
-        Under XLA an assertion cannot raise: call this outside the compiled function (as
-        `_autoconvert_optionals` does for `fit`, `evaluate` and `predict`).
+        `output="sorted"`, no padding. Where the values can be read (eagerly, and outside
+        `jax.jit`) a failure raises `ValueError`, and this returns `[]`; in a TensorFlow graph
+        this returns an assertion op, which raises `InvalidArgumentError` with the same
+        message. Under XLA and `jax.jit` nothing can raise: call this outside the compiled
+        function (as `fit`, `evaluate` and `predict` do, see `_steps`).
         """
         if objective:
             self._check_length(values)
-        if tf.executing_eagerly() or (
-            values.shape.is_fully_defined() and features.shape[:2].is_fully_defined()
-        ):
-            shapes_check = None  # `_check_data` compared the static shapes
-        else:
-            # Shapes known only when the graph runs (a dataset of variable-length instances):
-            # compared before the element-wise rules, which would fail on them less clearly.
-            shapes_check = tf.debugging.Assert(
-                tf.reduce_all(tf.equal(tf.shape(values), tf.shape(features)[:2])),
-                [
-                    tf.strings.join(
-                        [
-                            "A [batch, n] and B [batch, n, M] must agree on batch and n. "
-                            "Received: A.shape=",
-                            _shape_string(values),
-                            ", B.shape=",
-                            _shape_string(features),
-                        ]
-                    )
-                ],
-                name="check_shapes",
-            )
-        with tf.control_dependencies([] if shapes_check is None else [shapes_check]):
-            return self._check_value_rules(values, features, objective)
+        if _backend.values_available(values, features):
+            rules = self._data_rules(values, features, objective)
+            if not bool(ops.convert_to_numpy(rules.ok)):
+                raise ValueError(self._describe_bad_data(values, features, rules, objective))
+            return []
+        return self._traced_data_checks(values, features, objective)
 
-    def _check_value_rules(self, values, features, objective: bool):
-        """`_check_values` once A and B are known to agree in shape."""
-        padding = tf.math.is_nan(values)
-        valid = tf.logical_not(padding)
+    def _check_pair(self, values, features, objective: bool) -> list:
+        """`_check_data` then `_check_values` of a raw `(A, B)`: the checks of one batch."""
+        values, features = self._check_data(values, features)
+        return self._check_values(values, features, objective=objective)
+
+    def _check_batch(self, data, objective: bool) -> list:
+        """The checks of a batch as `fit`, `evaluate` (`objective`) or `predict` get it."""
+        pair = self._pair(data)
+        if pair is None or (pair[0] is None and objective):
+            return []  # the step raises its own error for data that are no `(A, B)` pair
+        return self._check_pair(*pair, objective=objective)
+
+    def _data_rules(self, values, features, objective: bool) -> _DataRules:
+        """The rules of `_check_values`, as tensors (A and B agree in shape)."""
+        padding = ops.isnan(values)
+        valid = ops.logical_not(padding)
         limit = self._max_abs_value() if objective else math.inf
-        bad_values = tf.math.is_inf(values) | (tf.abs(values) > limit)  # NaN: neither
+        bad_values = ops.logical_or(ops.isinf(values), ops.abs(values) > limit)  # NaN: neither
         if objective and self.output_mode == "sorted":
-            bad_values = bad_values | padding
-        bad_features = tf.logical_not(tf.math.is_finite(features)) & valid[..., None]
-        bad_entries = bad_values | tf.reduce_any(bad_features, axis=-1)
-        length = tf.reduce_sum(tf.cast(valid, tf.int32), axis=-1)
+            bad_values = ops.logical_or(bad_values, padding)
+        bad_features = ops.logical_and(ops.logical_not(ops.isfinite(features)), valid[..., None])
+        bad_entries = ops.logical_or(bad_values, ops.any(bad_features, axis=-1))
+        length = ops.sum(ops.cast(valid, "int32"), axis=-1)
         short = length < (self._min_length() if objective else 0)
-        ok = tf.logical_not(tf.reduce_any(bad_entries) | tf.reduce_any(short))
+        ok = ops.logical_not(ops.logical_or(ops.any(bad_entries), ops.any(short)))
+        return _DataRules(padding, bad_features, short, length, ok)
 
-        def describe():
-            return self._describe_bad_data(
-                values, features, padding, bad_features, short, length, limit, objective
+    def _data_error_parts(self, rule: str, count, received: list) -> list:
+        """The error message of a broken data rule, as parts to join (strings, or TensorFlow
+        string tensors in a graph): `count` the bad entries, `received` the first of them."""
+        if rule == "infinite":
+            head = (
+                "`A` must be finite or NaN: NaN marks padding, an infinite value is an error. "
+                "Infinite entries: "
             )
-
-        if tf.executing_eagerly():
-            if not bool(ok):
-                raise ValueError(tf.get_static_value(describe()).decode())
-            return None
-        message = tf.cond(ok, lambda: tf.constant(""), describe)
-        return tf.debugging.Assert(ok, [message], name="check_data")
-
-    def _describe_bad_data(
-        self, values, features, padding, bad_features, short, length, limit, objective
-    ) -> tf.Tensor:
-        """The error message (a string tensor) for the first broken rule of `_check_values`."""
-
-        def received(mask, tensor, name):
-            index = tf.where(mask)[0]
-            count = tf.strings.as_string(tf.math.count_nonzero(mask))
-            position = tf.strings.reduce_join(tf.strings.as_string(index), separator=", ")
-            value = tf.gather_nd(tensor, index[None])[0]
-            return count, tf.strings.join(
-                [f"Received: {name}[", position, "]=", tf.strings.as_string(value, shortest=True)]
+        elif rule == "large":
+            head = (
+                f"`A` is too large: |A| must be at most {self._max_abs_value():.4g} in "
+                f"{self._work_dtype()} (the fourth root of its largest value), because the "
+                "gradient that reaches the optimizer grows with |A| and optimizers such as Adam "
+                "square it. Rescale A (the built-in objectives scale with A, so the optimal "
+                "theta does not change) or use a float64 model. Entries too large: "
             )
-
-        def infinite_values():
-            count, where = received(tf.math.is_inf(values), values, "A")
-            return tf.strings.join(
-                [
-                    "`A` must be finite or NaN: NaN marks padding, an infinite value is an "
-                    "error. Infinite entries: ",
-                    count,
-                    ". ",
-                    where,
-                ]
+        elif rule == "padded":
+            head = (
+                "The sorted output needs instances of equal length: A must not have NaN "
+                "padding. NaN entries: "
             )
-
-        def large_values():
-            count, where = received(tf.abs(values) > limit, values, "A")
-            return tf.strings.join(
-                [
-                    f"`A` is too large: |A| must be at most {limit:.4g} in "
-                    f"{self._work_dtype().name} (the fourth root of its largest value), "
-                    "because the gradient that reaches the optimizer grows with |A| and "
-                    "optimizers such as Adam square it. Rescale A (the built-in objectives "
-                    "scale with A, so the optimal theta does not change) or use a float64 model. "
-                    "Entries too large: ",
-                    count,
-                    ". ",
-                    where,
-                ]
+        elif rule == "features":
+            head = (
+                "`B` must be finite wherever A is not NaN (B is ignored only at padding). "
+                "Entries that are NaN or infinite: "
             )
+        else:  # "short": `received` is [row, valid entries]
+            row, length = received
+            return [
+                f"At quantile={self.quantile} each instance needs at least "
+                f"{self._min_length()} valid entries (not NaN in A), so that each bucket "
+                "holds floor(quantile * n) >= 1 of them. Instances too short: ",
+                count,
+                ". Received: A[",
+                row,
+                "] with ",
+                length,
+                " valid entries",
+            ]
+        return [head, count, ". ", *received]
 
-        def padded_values():
-            count, where = received(padding, values, "A")
-            return tf.strings.join(
-                [
-                    "The sorted output needs instances of equal length: A must not have NaN "
-                    "padding. NaN entries: ",
-                    count,
-                    ". ",
-                    where,
-                ]
+    def _describe_bad_data(self, values, features, rules: _DataRules, objective: bool) -> str:
+        """The error message for the first broken rule of `_check_values`, read eagerly."""
+        values = ops.convert_to_numpy(values)
+        padding = ops.convert_to_numpy(rules.padding)
+        limit = self._max_abs_value() if objective else math.inf
+
+        def received(mask, array, name):
+            index = np.argwhere(mask)[0]
+            # "%g" is how TensorFlow's graph message writes it (`tf.strings.as_string`).
+            where = [
+                f"Received: {name}[",
+                ", ".join(str(int(i)) for i in index),
+                "]=",
+                f"{float(array[tuple(index)]):g}",
+            ]
+            return str(int(np.count_nonzero(mask))), where
+
+        if np.isinf(values).any():
+            return "".join(
+                self._data_error_parts("infinite", *received(np.isinf(values), values, "A"))
             )
-
-        def bad_feature_values():
-            count, where = received(bad_features, features, "B")
-            return tf.strings.join(
-                [
-                    "`B` must be finite wherever A is not NaN (B is ignored only at padding). "
-                    "Entries that are NaN or infinite: ",
-                    count,
-                    ". ",
-                    where,
-                ]
+        if objective and (np.abs(values) > limit).any():
+            large = np.abs(values) > limit
+            return "".join(self._data_error_parts("large", *received(large, values, "A")))
+        if objective and self.output_mode == "sorted" and padding.any():
+            return "".join(self._data_error_parts("padded", *received(padding, values, "A")))
+        bad_features = ops.convert_to_numpy(rules.bad_features)
+        if bad_features.any():
+            features = ops.convert_to_numpy(features)
+            return "".join(
+                self._data_error_parts("features", *received(bad_features, features, "B"))
             )
-
-        def short_rows():
-            row = tf.where(short)[0, 0]
-            return tf.strings.join(
-                [
-                    f"At quantile={self.quantile} each instance needs at least "
-                    f"{self._min_length()} valid entries (not NaN in A), so that each bucket "
-                    "holds floor(quantile * n) >= 1 of them. Instances too short: ",
-                    tf.strings.as_string(tf.math.count_nonzero(short)),
-                    ". Received: A[",
-                    tf.strings.as_string(row),
-                    "] with ",
-                    tf.strings.as_string(tf.gather(length, row)),
-                    " valid entries",
-                ]
-            )
-
-        cases = [(tf.reduce_any(tf.math.is_inf(values)), infinite_values)]
-        if objective:
-            cases.append((tf.reduce_any(tf.abs(values) > limit), large_values))
-            if self.output_mode == "sorted":
-                cases.append((tf.reduce_any(padding), padded_values))
-        cases.append((tf.reduce_any(bad_features), bad_feature_values))
-        return tf.case(cases, default=short_rows, exclusive=False)
-
-    def _local_pairs(self, values, features) -> list:
-        """The per-replica `(A, B)` of a batch (distributed values in `fit` under a strategy)."""
-        if not isinstance(features, tf.distribute.DistributedValues):
-            return [(values, features)]
-        local = self.distribute_strategy.experimental_local_results
-        local_features = local(features)
-        local_values = [None] * len(local_features) if values is None else local(values)
-        return list(zip(local_values, local_features, strict=True))
-
-    def _autoconvert_optionals(self, step_func):
-        """Keras's wrapper of the (possibly XLA-compiled) step: we add the data checks.
-
-        Keras's TensorFlow trainer wraps each one-batch step function with this method, outside
-        the `jit_compile` function, for `fit`, `evaluate` and `predict` (and their `*_on_batch`
-        forms). Checking the batch here (one pass over A and B) makes bad data raise even
-        under XLA, where an assertion in the step is dropped.
-        """
-        step = super()._autoconvert_optionals(step_func)
-        objective = not self._predict_wrapping
-
-        @functools.wraps(step)
-        def checked_step(data):
-            pair = self._pair(
-                tf.nest.map_structure(
-                    lambda x: None if isinstance(x, tf.experimental.Optional) else x, data
-                )
-            )
-            checks = []
-            if pair is not None and (pair[0] is not None or not objective):
-                for values, features in self._local_pairs(*pair):
-                    values, features = self._check_data(values, features)
-                    checks.append(self._check_values(values, features, objective=objective))
-            with tf.control_dependencies([c for c in checks if c is not None]):
-                return step(data)
-
-        return checked_step
+        short = ops.convert_to_numpy(rules.short)
+        length = ops.convert_to_numpy(rules.length)
+        row = int(np.argwhere(short)[0, 0])
+        count = str(int(np.count_nonzero(short)))
+        return "".join(self._data_error_parts("short", count, [str(row), str(int(length[row]))]))
 
     def make_predict_function(self, force=False):
         self._predict_wrapping = True
@@ -589,27 +596,30 @@ class QuantileObjectiveModel(keras.Model):
 
     # ----------------------------------------------------------------- selection
 
-    def _next_seed(self) -> tf.Tensor:
+    def _next_seed(self):
         """The perturbed estimator's stateless seed for this step; advances the counter."""
-        seed = tf.identity(self.perturbation_seed.value)
-        self.perturbation_seed.assign(seed + tf.constant([0, 1], seed.dtype))
-        return tf.cast(seed, tf.int32)
+        state = ops.convert_to_tensor(self.perturbation_seed)
+        # Read (a new tensor) before the assignment: on PyTorch the variable's tensor is
+        # updated in place.
+        seed = ops.cast(state, "int32")
+        self.perturbation_seed.assign(state + ops.convert_to_tensor([0, 1], _dtype(state)))
+        return seed
 
     def _scores(self, values, features, training):
         """Padding mask, zero-filled A, and float scores of zero-filled B."""
-        valid = tf.math.logical_not(tf.math.is_nan(values))
-        values = tf.where(valid, values, tf.zeros_like(values))
-        features = tf.where(valid[..., None], features, tf.zeros_like(features))
-        scores = tf.cast(self(features, training=training), values.dtype)
+        valid = ops.logical_not(ops.isnan(values))
+        values = ops.where(valid, values, ops.zeros_like(values))
+        features = ops.where(valid[..., None], features, ops.zeros_like(features))
+        scores = ops.cast(self(features, training=training), _dtype(values))
         return valid, values, scores
 
-    def _soft_selection(self, values, scores, valid):
+    def _soft_selection(self, values, scores, valid, epsilon):
         """`(low, high)` as the objective receives them, and the soft membership weights."""
         mask = None if self.output_mode == "sorted" else valid
         mode = "sorted" if self.output_mode == "sorted" else "weights"
         if self.gradient_estimator == "perturbed":
             seed = self._next_seed()
-            (low, high), (low_w, high_w) = ops.perturbed_quantile_split(
+            (low, high), (low_w, high_w) = soft_ops.perturbed_quantile_split(
                 values,
                 scores,
                 self.quantile,
@@ -623,25 +633,25 @@ class QuantileObjectiveModel(keras.Model):
             if mode == "weights":
                 low_w, high_w = low, high
         elif mode == "sorted":
-            (low, high), diagnostics = ops.soft_quantile_split(
+            (low, high), diagnostics = soft_ops.soft_quantile_split(
                 values,
                 scores,
                 self.quantile,
-                epsilon=self.get_epsilon(),
+                epsilon=epsilon,
                 output="sorted",
                 solver=self.solver,
                 return_diagnostics=True,
             )
             k = low.shape[-1]
             memberships = diagnostics.memberships
-            low_w = tf.reduce_sum(memberships[..., :k], -1)
-            high_w = tf.reduce_sum(memberships[..., memberships.shape[-1] - k :], -1)
+            low_w = ops.sum(memberships[..., :k], axis=-1)
+            high_w = ops.sum(memberships[..., memberships.shape[-1] - k :], axis=-1)
         else:
-            low_w, high_w = ops.soft_quantile_split(
+            low_w, high_w = soft_ops.soft_quantile_split(
                 values,
                 scores,
                 self.quantile,
-                epsilon=self.get_epsilon(),
+                epsilon=epsilon,
                 mask=mask,
                 output="weights",
                 solver=self.solver,
@@ -655,84 +665,79 @@ class QuantileObjectiveModel(keras.Model):
 
     def _hard_selection(self, values, scores, valid):
         """The hard `(low, high)` in the objective's form, and the hard boolean masks."""
-        scores = tf.stop_gradient(scores)
-        key = tf.where(valid, scores, tf.fill(tf.shape(scores), scores.dtype.max))
-        order = tf.argsort(key, axis=-1, stable=True)
-        ranks = tf.argsort(order, axis=-1, stable=True)
-        count = tf.reduce_sum(tf.cast(valid, tf.int32), axis=-1, keepdims=True)
-        k = tf.cast(tf.floor(self.quantile * tf.cast(count, tf.float64) + 1e-9), tf.int32)
+        scores = ops.stop_gradient(scores)
+        largest = float(np.finfo(_dtype(scores)).max)
+        key = ops.where(valid, scores, ops.full_like(scores, largest))
+        order = ops.argsort(key, axis=-1)  # stable on every backend: padding sorts last
+        ranks = ops.argsort(order, axis=-1)
+        count = ops.sum(ops.cast(valid, "int32"), axis=-1, keepdims=True)
+        k = _validation.hard_split_sizes(count, self.quantile, values.shape[-1])
         low_mask = ranks < k
-        high_mask = (ranks >= count - k) & valid
+        high_mask = ops.logical_and(ranks >= count - k, valid)
         if self.output_mode == "sorted":
             n = values.shape[-1]
             k_static = math.floor(self.quantile * n + 1e-9)
-            ordered = tf.gather(values, order, batch_dims=1)
+            ordered = ops.take_along_axis(values, order, axis=-1)
             pair = (ordered[:, :k_static], ordered[:, n - k_static :])
         else:
             pair = tuple(
-                objectives.Selection(values, tf.cast(m, values.dtype))
+                objectives.Selection(values, ops.cast(m, _dtype(values)))
                 for m in (low_mask, high_mask)
             )
             if self.output_mode == "mean":
                 pair = tuple(s.mean() for s in pair)
         return pair, (low_mask, high_mask)
 
-    def _evaluate_objective(self, pair) -> tf.Tensor:
+    def _evaluate_objective(self, pair):
         value = self.objective_function(*pair)
-        value = tf.convert_to_tensor(value)
-        if value.shape.rank not in (0, 1):
+        value = ops.convert_to_tensor(value)
+        if len(value.shape) not in (0, 1):
             raise ValueError(
                 "The objective must return one value per instance [batch] or a scalar. "
-                f"Received: an output of shape {value.shape}"
+                f"Received: an output of shape {tuple(value.shape)}"
             )
-        return tf.reduce_mean(value)
+        return ops.mean(value)
 
-    def _step(self, data, training: bool):
-        values, features = self._unpack(data)
-        self._check_length(values)
-        # The values of A and B were checked before this (possibly XLA-compiled) step, by the
-        # wrapper `_autoconvert_optionals`.
-        with tf.GradientTape() as tape:
-            valid, values, scores = self._scores(values, features, training)
-            pair, (low_w, high_w) = self._soft_selection(values, scores, valid)
-            objective = self._evaluate_objective(pair)
-            loss = objective
-            if self.losses:
-                loss = loss + tf.cast(tf.add_n(self.losses), loss.dtype)
-            # As Keras's own train_step: gradients are summed over replicas.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = loss / tf.cast(replicas, loss.dtype)
-            if training:
-                scaled = self.optimizer.scale_loss(scaled)
-        if training:
-            variables = self.trainable_variables
-            gradients = tape.gradient(scaled, variables)
-            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+    # ----------------------------------------------------------------- steps
+    #
+    # The backend's step (`_steps`: a `tf.GradientTape`, `jax.value_and_grad` of a stateless
+    # call, or `loss.backward()`) differentiates `_forward` and then calls `_update_metrics`.
+
+    def _forward(self, values, features, training: bool):
+        """The loss of a checked batch, and what the metrics need (`_Forward`).
+
+        Reads the model's variables (and advances the perturbed estimator's seed state): the
+        JAX step runs it inside a `keras.StatelessScope`.
+        """
+        epsilon = self._epsilon_weight.value()
+        valid, values, scores = self._scores(values, features, training)
+        pair, (low_w, high_w) = self._soft_selection(values, scores, valid, epsilon)
+        loss = self._evaluate_objective(pair)
+        if self.losses:
+            loss = loss + ops.cast(functools.reduce(ops.add, self.losses), _dtype(loss))
+        return loss, _Forward(values, scores, valid, low_w, high_w, epsilon)
+
+    def _update_metrics(self, loss, forward: _Forward) -> dict:
+        """Updates the four metrics with a step's results; returns their running values."""
+        values, scores, valid, low_w, high_w, epsilon = forward
         hard_pair, (low_mask, high_mask) = self._hard_selection(values, scores, valid)
         hard_objective = self._evaluate_objective(hard_pair)
-        batch = tf.shape(values)[0]
+        batch = ops.shape(values)[0]
         self.loss_tracker.update_state(loss, sample_weight=batch)
         self.hard_objective_tracker.update_state(hard_objective, sample_weight=batch)
-        members = tf.cast(low_mask | high_mask, low_w.dtype)
-        agreed = tf.cast(low_mask, low_w.dtype) * tf.cast(low_w > 0.5, low_w.dtype) + tf.cast(
-            high_mask, low_w.dtype
-        ) * tf.cast(high_w > 0.5, low_w.dtype)
+        dtype = _dtype(low_w)
+        members = ops.cast(ops.logical_or(low_mask, high_mask), dtype)
+        agreed = ops.cast(low_mask, dtype) * ops.cast(low_w > 0.5, dtype) + ops.cast(
+            high_mask, dtype
+        ) * ops.cast(high_w > 0.5, dtype)
         self.agreement_tracker.update_state(
-            tf.reduce_sum(agreed) / tf.maximum(tf.reduce_sum(members), 1),
-            sample_weight=tf.reduce_sum(members),
+            ops.sum(agreed) / ops.maximum(ops.sum(members), 1),
+            sample_weight=ops.sum(members),
         )
-        self.epsilon_tracker.update_state(self.get_epsilon())
+        self.epsilon_tracker.update_state(epsilon)
         return {metric.name: metric.result() for metric in self.metrics}
 
-    def train_step(self, data):
-        """One optimizer step on a batch `(A, B)`; returns the running metrics."""
-        return self._step(data, training=True)
-
-    def test_step(self, data):
-        """The metrics of a batch `(A, B)`, without an update."""
-        return self._step(data, training=False)
-
-    def predict_step(self, data):
+    def _predict_outputs(self, data) -> dict:
         """`{"scores", "lower_mask", "upper_mask"}` of a batch `(A, B)` or of features `B`."""
         pair = self._pair(data)
         if pair is None:
@@ -748,8 +753,8 @@ class QuantileObjectiveModel(keras.Model):
 
         `A` and `B` are cast to the model's work dtype (float64 for a float64 model, else
         float32) and checked as in `fit` (with `soft`) or `predict` (without): a `ValueError`
-        eagerly, an `InvalidArgumentError` in a `tf.function` (not under XLA, where the check
-        cannot raise).
+        eagerly, an `InvalidArgumentError` in a `tf.function` (not under XLA or `jax.jit`,
+        where the check cannot raise).
 
         Args:
             values: A `[batch, n]` (NaN marks padding).
@@ -759,23 +764,24 @@ class QuantileObjectiveModel(keras.Model):
         Returns:
             A dict with "scores" `[batch, n]` (NaN at padding), "lower_mask" and "upper_mask"
             (hard, boolean `[batch, n]`), and with `soft` also "lower_membership" and
-            "upper_membership" (float `[batch, n]`).
+            "upper_membership" (float `[batch, n]`), tensors of the active backend.
         """
         values, features = self._check_data(values, features)
-        check = self._check_values(values, features, objective=soft)
-        with tf.control_dependencies([] if check is None else [check]):
-            return self._selection(values, features, soft)
+        checks = self._check_values(values, features, objective=soft)
+        values = _backend.with_dependencies(values, checks)
+        features = _backend.with_dependencies(features, checks)
+        return self._selection(values, features, soft)
 
     def _selection(self, values, features, soft: bool) -> dict:
         valid, values, scores = self._scores(values, features, training=False)
         _, (low_mask, high_mask) = self._hard_selection(values, scores, valid)
         result = {
-            "scores": tf.where(valid, scores, tf.constant(math.nan, scores.dtype)),
+            "scores": ops.where(valid, scores, ops.full_like(scores, math.nan)),
             "lower_mask": low_mask,
             "upper_mask": high_mask,
         }
         if soft:
-            _, (low_w, high_w) = self._soft_selection(values, scores, valid)
+            _, (low_w, high_w) = self._soft_selection(values, scores, valid, self.get_epsilon())
             result["lower_membership"] = low_w
             result["upper_membership"] = high_w
         return result
@@ -794,7 +800,7 @@ class QuantileObjectiveModel(keras.Model):
                 stacklevel=2,
             )
             store = {str(i): store[str(i)] for i in range(own - 1)}
-            store[str(own - 1)] = self.perturbation_seed.value
+            store[str(own - 1)] = ops.convert_to_numpy(self.perturbation_seed)
         super().load_own_variables(store)
 
     # ----------------------------------------------------------------- config
