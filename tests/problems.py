@@ -1,4 +1,5 @@
-"""Generated problems with a planted theta*: A = B @ theta* + noise."""
+"""Generated problems with a planted theta* (A = B @ theta* + noise), for tests/models and
+tests/backends: on keras and numpy only, so they serve every backend."""
 
 import keras
 import numpy as np

@@ -10,6 +10,7 @@ the pages reference must be a file of the site. Links that the reader follows
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import pkgutil
@@ -263,8 +264,17 @@ def _constants(*, public: bool) -> dict[str, object]:
             continue
         module = importlib.import_module(module_name)
         source = Path(module.__file__).read_text(encoding="utf-8")
+        # Also the constants a module imports by name from the package (the ops take their
+        # shared defaults from one private home, `ops._validation`): they are its API too.
+        imported = {
+            alias.asname or alias.name
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("keras_softquantile")
+            for alias in node.names
+        }
         for name, value in vars(module).items():
-            defined_here = re.search(rf"(?m)^{name}\s*(:[^=\n]*)?=", source)
+            defined_here = name in imported or re.search(rf"(?m)^{name}\s*(:[^=\n]*)?=", source)
             literal = isinstance(value, bool | int | float | str)
             if _CONSTANT.match(name) and defined_here and literal:
                 constants[f"{module_name}.{name}"] = value

@@ -113,8 +113,9 @@ def test_integer_inputs_fail_symbolically(layer, inputs):
 
 
 def test_integer_inputs_fail_eagerly():
-    with pytest.raises(TypeError, match=re.escape("Received: inputs.dtype=int64")):
-        layers.SoftTopK(2)(np.arange(10).reshape(2, 5))
+    # int32: JAX without 64-bit mode would make int64 input int32 before the layer sees it.
+    with pytest.raises(TypeError, match=re.escape("Received: inputs.dtype=int32")):
+        layers.SoftTopK(2)(np.arange(10, dtype="int32").reshape(2, 5))
 
 
 def test_set_epsilon_validates_and_needs_build():
