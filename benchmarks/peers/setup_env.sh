@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates the peers' benchmark environment: one venv holding TensorFlow (+ TFP and this project),
-# JAX + OTT-JAX, PyTorch (CPU) + torchsort + diffsort, numpy and matplotlib, so that one process
-# can run every method.
+# JAX + OTT-JAX + SoftJAX, PyTorch (CPU) + torchsort + diffsort, numpy and matplotlib. The same
+# venv serves every worker process; bench_peers.py only changes KERAS_BACKEND between them.
 #
 # Usage: bash benchmarks/peers/setup_env.sh [VENV_DIR]    (default: benchmarks/peers/.venv)
 #        PYTHON=python3.11 bash benchmarks/peers/setup_env.sh
@@ -28,6 +28,19 @@ echo "== torch (CPU build)"
 echo "== TensorFlow, TFP, JAX, OTT-JAX, diffsort, numpy, matplotlib"
 "${pip[@]}" tensorflow "tensorflow-probability[tf]" jax ott-jax diffsort numpy matplotlib
 
+echo "== SoftJAX"
+# softjax 0.1.1 declares Requires-Python >= 3.12, but its code parses and runs on 3.11; the local
+# CPU build of torch 2.13.0 exists for 3.11 only. On 3.11 its dependencies are installed
+# normally, then softjax itself with --no-deps --ignore-requires-python.
+softjax_deps=("jax>=0.8.0" "ott-jax>=0.5.0" "equinox>=0.13.1" "jaxtyping>=0.3.2" \
+    "lineax>=0.0.8" "optimistix>=0.0.9")
+if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+    "${pip[@]}" softjax
+else
+    "${pip[@]}" "${softjax_deps[@]}"
+    "${pip[@]}" --no-deps --ignore-requires-python softjax
+fi
+
 echo "== torchsort (C++ extension, CPU only)"
 # Drop every PATH entry that holds nvcc or names CUDA, so the build sees no CUDA toolkit.
 clean_path=""
@@ -49,6 +62,7 @@ import importlib.metadata as md
 
 import diffsort  # noqa: F401
 import jax
+import softjax  # noqa: F401
 import keras_softquantile  # noqa: F401
 import ott  # noqa: F401
 import tensorflow as tf
@@ -60,7 +74,7 @@ x = torch.randn(2, 5, dtype=torch.float32, requires_grad=True)
 torchsort.soft_rank(x).sum().backward()
 print("jax", jax.__version__, jax.devices())
 print("tensorflow", tf.__version__, "torch", torch.__version__)
-for name in ("ott-jax", "torchsort", "diffsort", "tensorflow-probability", "keras", "numpy"):
+for name in ("ott-jax", "softjax", "torchsort", "diffsort", "tensorflow-probability", "keras", "numpy"):
     print(name, md.version(name))
 PY
 echo "== done: $venv"
