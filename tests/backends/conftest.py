@@ -21,6 +21,7 @@ RUN_SLOW_UNDER_TENSORFLOW = (
     "test_backend_saving.py",
     "test_perturbed_estimator_is_reproducible_and_reaches_the_planted_theta",
     "test_every_output_mode_trains",
+    "test_backup_and_restore_resumes_fit_to_the_same_theta",
 )
 
 

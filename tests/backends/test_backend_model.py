@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 from harness import backend, is_backend_tensor, to_numpy
-from problems import hard_spread, planted_problem
+from problems import Interrupt, hard_spread, planted_problem
 
 import keras_softquantile as ksq
 
@@ -256,3 +256,47 @@ def test_jit_compile_and_eager_steps_agree():
         _fit(model, A, B, epochs=2, jit_compile=jit_compile)
         thetas.append(_theta(model))
     np.testing.assert_allclose(thetas[0], thetas[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_backup_and_restore_resumes_fit_to_the_same_theta(tmp_path):
+    A, B, _ = planted_problem(instances=16, n=40)
+
+    def new_model():
+        keras.utils.set_random_seed(3)
+        model = ksq.QuantileObjectiveModel("spread", num_features=5, epsilon=2e-2)
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+        return model
+
+    def anneal():
+        return ksq.callbacks.EpsilonAnnealing(0.1, 0.01, epochs=4)
+
+    reference = new_model()
+    reference.fit(x=(A, B), batch_size=4, epochs=4, verbose=0, shuffle=False, callbacks=[anneal()])
+
+    backup = keras.callbacks.BackupAndRestore(os.path.join(tmp_path, "backup"))
+    interrupted = new_model()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        interrupted.fit(
+            x=(A, B),
+            batch_size=4,
+            epochs=4,
+            verbose=0,
+            shuffle=False,
+            callbacks=[backup, anneal(), Interrupt(2)],
+        )
+    halfway = keras.ops.convert_to_numpy(interrupted.theta).copy()
+
+    resumed = new_model()  # a fresh process would start here
+    history = resumed.fit(
+        x=(A, B), batch_size=4, epochs=4, verbose=0, shuffle=False, callbacks=[backup, anneal()]
+    )
+    assert len(history.history["loss"]) == 2  # only epochs 3 and 4 ran
+    np.testing.assert_allclose(
+        history.history["epsilon"], [anneal().value_at(2), anneal().value_at(3)], rtol=1e-5
+    )
+    final = keras.ops.convert_to_numpy(resumed.theta)
+    assert not np.allclose(final, halfway)
+    np.testing.assert_allclose(
+        final, keras.ops.convert_to_numpy(reference.theta), rtol=1e-5, atol=1e-6
+    )
