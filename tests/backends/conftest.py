@@ -1,6 +1,6 @@
 """Fixtures of the cross-backend tests (tests/backends), which run under the Keras backend that
 `KERAS_BACKEND` selects: TensorFlow in the main `python -m pytest` run, JAX and PyTorch in the
-separate runs of `.ci/run`. See `harness.py` for the per-backend helpers.
+separate runs of `.ci/other_backends`. See `harness.py` for the per-backend helpers.
 
 Under TensorFlow the tests marked `slow` here are skipped, except the cross-backend `.keras`
 test: they repeat, through `keras.ops`, checks that the TensorFlow suite (tests/ops,

@@ -1,9 +1,9 @@
 """The layers under the active Keras backend, beyond the backend-neutral layer tests.
 
-`.ci/run` also runs tests/layers/test_standard.py, test_arguments.py, test_epsilon_and_models.py,
-test_masking.py and tests/test_callbacks.py (the standard layer checks, bad arguments, the
-epsilon weight, Keras masks, annealing and TensorBoard) under JAX and PyTorch; this file adds
-what only matters across backends.
+`.ci/other_backends` also runs tests/layers/test_standard.py, test_arguments.py,
+test_epsilon_and_models.py, test_masking.py and tests/test_callbacks.py (the standard layer
+checks, bad arguments, the epsilon weight, Keras masks, annealing and TensorBoard) under JAX and
+PyTorch; this file adds what only matters across backends.
 """
 
 import keras

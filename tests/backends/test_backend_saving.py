@@ -3,7 +3,7 @@
 For every backend other than the active one, a subprocess (with `KERAS_BACKEND` set to it)
 builds a model of the six soft layers and a trained `QuantileObjectiveModel`, saves both as
 `.keras` files with their predictions on fixed inputs (`.npz`), and this process loads them
-and compares. Run under each backend (as `.ci/run` does), this covers every direction.
+and compares. Run under each backend (as `.ci/other_backends` does), this covers every direction.
 """
 
 import os

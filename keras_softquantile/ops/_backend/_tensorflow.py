@@ -91,9 +91,13 @@ def compiled_op(function):
             return function(*args, **kwargs)
         static = [None if t else x for x, t in zip(leaves, is_tensor, strict=True)]
         structure = tf.nest.map_structure(lambda _: 0, (args, kwargs))
-        key = (repr(structure), tuple(_static_key(x) for x in static), tuple(is_tensor))
+        # One traced function per signature, shapes and dtypes included: each trace has its
+        # own assertions (a dynamic batch adds some), so a function traced twice could pair
+        # one trace's outputs with the other's message templates.
+        signature = tuple(tf.TensorSpec(t.shape, t.dtype) for t in tensors)
+        key = (repr(structure), tuple(_static_key(x) for x in static), tuple(is_tensor), signature)
         if key not in cache:
-            cache[key] = _hoisting_cluster(function, structure, static, is_tensor)
+            cache[key] = _hoisting_cluster(function, structure, static, is_tensor, signature)
         compiled, templates = cache[key]
 
         def clustered():
@@ -126,10 +130,10 @@ def compiled_op(function):
     return dispatch
 
 
-def _hoisting_cluster(function, structure, static: list, is_tensor: list):
-    """The XLA function of `compiled_op` for one combination of static arguments, and the
-    list that its trace fills with the assertions' message templates (a tensor's position in
-    the data outputs, or a constant)."""
+def _hoisting_cluster(function, structure, static: list, is_tensor: list, signature: tuple):
+    """The XLA function of `compiled_op` for one combination of static arguments and one input
+    signature (traced once), and the list that its trace fills with the assertions' message
+    templates (a tensor's position in the data outputs, or a constant)."""
     templates: list = []
 
     def cluster(*tensors):
@@ -156,7 +160,7 @@ def _hoisting_cluster(function, structure, static: list, is_tensor: list):
             conditions.append(condition)
         return outputs, conditions, data
 
-    return tf.function(cluster, jit_compile=True, reduce_retracing=True), templates
+    return tf.function(cluster, input_signature=signature, jit_compile=True), templates
 
 
 def _is_tensor_like(value) -> bool:

@@ -1,0 +1,71 @@
+"""TensorFlow graphs without XLA run each selection op as one XLA cluster (`compiled_op`), with
+its run-time checks hoisted out of the cluster: same values and gradients as op by op, the same
+errors, whatever the shapes the graphs were traced with."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_softquantile import ops
+from keras_softquantile.ops._backend import _tensorflow
+
+pytestmark = pytest.mark.skipif(ops._backend.NAME != "tensorflow", reason="TensorFlow graphs only")
+
+
+def _split(x, epsilon):
+    return ops.soft_quantile_split(x, x, 0.25, epsilon=epsilon, output="weights")
+
+
+def _value_and_gradient(function, x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        low, high = function(x, tf.constant(0.02))
+        loss = tf.reduce_sum(high * x) - tf.reduce_sum(low * x)
+    return high, tape.gradient(loss, x)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.fixture
+def op_by_op():
+    _tensorflow.COMPILE_WHOLE_OPS = False
+    yield
+    _tensorflow.COMPILE_WHOLE_OPS = True
+
+
+def test_the_cluster_gives_the_values_and_gradients_of_the_stages(rng, op_by_op):
+    x = tf.constant(rng.standard_normal((4, 60)), tf.float64)
+    stages = tf.function(lambda x: _value_and_gradient(_split, x))(x)
+    _tensorflow.COMPILE_WHOLE_OPS = True
+    whole = tf.function(lambda x: _value_and_gradient(_split, x))(x)
+    for a, b in zip(stages, whole, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_graphs_traced_with_other_shapes_reuse_the_right_trace(rng):
+    """A relaxed (dynamic batch) trace has more checks than a static one; a later graph with
+    the static shape must pair its own trace's outputs with its own messages."""
+    epsilon = tf.constant(0.01)
+    relaxed = tf.function(_split, reduce_retracing=True)
+    for rows in (6, 7, 5):
+        relaxed(tf.constant(rng.standard_normal((rows, 50)), tf.float32), epsilon)
+    for rows in (6, 7):
+        x = tf.constant(rng.standard_normal((rows, 50)), tf.float32)
+        graph = tf.function(_split)(x, epsilon)
+        np.testing.assert_allclose(graph[1].numpy(), _split(x, epsilon)[1].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_a_broken_promise_still_raises_in_the_graph(batch):
+    function = tf.function(
+        lambda x: ops.soft_topk_mask(x, 2), input_signature=[tf.TensorSpec([batch, 8])]
+    )
+    x = np.ones((3, 8), "float32")
+    x[1, 4] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be finite"):
+        function(tf.constant(x))
+    clean = function(tf.constant(np.arange(24, dtype="float32").reshape(3, 8)))
+    np.testing.assert_allclose(clean.numpy().sum(-1), 2.0, rtol=1e-5)
