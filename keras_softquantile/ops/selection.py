@@ -164,7 +164,8 @@ def soft_topk_mask(
         dtype = prepared.dtype
         count = prepared.count  # [rows, 1]
         one = ops.ones_like(count)
-        fraction = ops.cast(k, dtype) / larger(count, one)
+        # Not `ops.cast(k, ...)`: TensorFlow would round the Python float to float32 first.
+        fraction = ops.convert_to_tensor(k, dtype) / larger(count, one)
         fraction = ops.where(fraction < one, fraction, one)
         # k = 0 or k = n leave an empty bucket; solve a harmless problem and overwrite.
         degenerate = ops.logical_or(fraction <= 0, fraction >= 1)

@@ -69,3 +69,18 @@ def test_a_broken_promise_still_raises_in_the_graph(batch):
         function(tf.constant(x))
     clean = function(tf.constant(np.arange(24, dtype="float32").reshape(3, 8)))
     np.testing.assert_allclose(clean.numpy().sum(-1), 2.0, rtol=1e-5)
+
+
+def test_inside_xla_with_a_dynamic_batch_the_gradient_compiles(rng):
+    """Under `jit_compile=True` (as in `fit`) the op is compiled with the caller, not as a
+    cluster of its own behind a run-time branch (whose gradient XLA cannot compile)."""
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 40], tf.float32)])
+    def compiled(x):
+        return _value_and_gradient(_split, x)
+
+    x = tf.constant(rng.standard_normal((3, 40)), tf.float32)
+    high, gradient = compiled(x)
+    eager_high, eager_gradient = _value_and_gradient(_split, x)
+    np.testing.assert_allclose(high.numpy(), eager_high.numpy(), atol=1e-5)
+    np.testing.assert_allclose(gradient.numpy(), eager_gradient.numpy(), rtol=1e-3, atol=1e-3)

@@ -8,6 +8,7 @@ import threading
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
 from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
 
@@ -79,7 +80,12 @@ def compiled_op(function):
 
     @functools.wraps(function)
     def dispatch(*args, **kwargs):
-        if not COMPILE_WHOLE_OPS or tf.executing_eagerly() or getattr(_hoisted, "stack", None):
+        if (
+            not COMPILE_WHOLE_OPS
+            or tf.executing_eagerly()
+            or getattr(_hoisted, "stack", None)
+            or _in_xla_context()
+        ):
             return function(*args, **kwargs)
         leaves = tf.nest.flatten((args, kwargs))
         is_tensor = [_is_tensor_like(x) for x in leaves]
@@ -161,6 +167,14 @@ def _hoisting_cluster(function, structure, static: list, is_tensor: list, signat
         return outputs, conditions, data
 
     return tf.function(cluster, input_signature=signature, jit_compile=True), templates
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being built is compiled whole by XLA (`jit_compile=True`, as in
+    `fit`): the op then needs no cluster of its own, and a run-time branch around one would
+    not compile (its gradient's shapes are not constants inside XLA)."""
+    graph = tf.compat.v1.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
 def _is_tensor_like(value) -> bool:
