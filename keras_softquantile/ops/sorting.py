@@ -242,10 +242,15 @@ def soft_quantile(
         result = prepared.solve(constant_masses(masses), epsilon, solver, "soft_quantile")
         # A one-entry bucket's barycentre is sum_i pi_ij x_i (its mass is 1/n = a_i).
         barycentres = result.membership_weighted_sums(prepared.layout.rows)
-        columns = [
-            w_lo * barycentres[:, b_lo] + w_hi * barycentres[:, b_hi]
-            for (b_lo, w_lo), (b_hi, w_hi) in combos
-        ]
+        # lo + f (hi - lo), exact for equal order statistics; as (1 - f) lo + f hi where their
+        # signs differ, so that hi - lo cannot overflow.
+        columns = []
+        for (b_lo, w_lo), (b_hi, w_hi) in combos:
+            lower, upper = barycentres[:, b_lo], barycentres[:, b_hi]
+            same_sign = ops.equal(lower >= 0, upper >= 0)
+            columns.append(
+                ops.where(same_sign, lower + w_hi * (upper - lower), w_lo * lower + w_hi * upper)
+            )
         if scalar:
             return prepared.output(prepared.layout.restore_reduced(columns[0]))
         stacked = ops.stack(columns, axis=-1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
+from keras_softquantile.ops import _numerics
 from keras_softquantile.ops._ot.problem import Tensor
 
 __all__ = ["squash_scores"]
@@ -36,11 +36,7 @@ def larger(a, b):
 
 def _largest(dtype: str) -> float:
     """The largest finite value of a float dtype (a string), as a Python float."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    return float(np.finfo(dtype).max)
+    return _numerics.largest(dtype)
 
 
 def _median(ordered, count):
@@ -50,7 +46,6 @@ def _median(ordered, count):
     last = ops.maximum(count - 1, 0)
     lower = ops.take_along_axis(ordered, ops.floor_divide(last, 2), axis=-1)
     upper = ops.take_along_axis(ordered, ops.floor_divide(last + 1, 2), axis=-1)
-    # Halves: the mean of two near-overflow order statistics of opposite sign stays finite.
     return ops.where(count > 0, 0.5 * lower + 0.5 * upper, ops.zeros_like(lower))
 
 
@@ -76,7 +71,8 @@ def _robust_location_scale(x, valid):
     """The median of each row and half its median absolute deviation from it, over (a strided
     subsample of) the valid entries, as `[rows, 1]` tensors, from one sort of the sample.
 
-    Deviations are formed in halves (`x / 2 - median / 2`), so they cannot overflow.
+    The rows are scaled first (see `squash_scores`): no entry is within a factor 256 of the
+    dtype's largest value, so nothing here overflows.
     """
     n = x.shape[-1]
     if n is None:  # a dynamic length (TensorFlow graphs): the stride is a tensor
@@ -142,9 +138,12 @@ def squash_scores(
       * `h` is strictly increasing and never saturates: `z` leaves [0, 1] in the far tails
         (growing like the log of the distance), so distinct far scores keep distinct `z` and
         their hard order (cubed Cauchy scores are as sharply separated as Gaussian ones);
-      * nothing overflows near the dtype's range (`(x - median)` is formed as
-        `x / 2 - median / 2`), and a row whose valid entries are all equal maps to 0.5, with
-        zero gradient.
+      * a row of tiny scores (largest magnitude below 1) is first scaled up by a power of
+        two (exactly), so the deviations of tiny scores stay clear of the subnormal range,
+        which the CPU kernels of TensorFlow and XLA flush to zero (`[0, 2.2e-308]` in
+        float64 is not a constant row), and a row near the dtype's largest value is scaled
+        down by 256, so nothing overflows (`[3e38, -3e38]` in float32);
+      * a row whose valid entries are all equal maps to 0.5, with zero gradient.
     `z` is invariant to a shift and a positive rescaling of a row and maps to `1 - z` under
     negation. It is invariant to a permutation of the entries for rows of up to 64 entries;
     in longer rows the subsample, hence `z`, depends slightly on the order (never the bucket
@@ -172,12 +171,14 @@ def squash_scores(
         x = ops.where(valid, x, ops.zeros_like(x))
         rows = ops.reshape(x, (-1, shape[-1]))
         row_valid = ops.reshape(valid, (-1, shape[-1]))
+        # Rows near either end of the range, times a power of two (exact; z is scale invariant).
+        rows = rows * _numerics.row_scale(rows, row_valid)
         median, half_mad = _robust_location_scale(rows, row_valid)
-        # Halves throughout: x / 2 - median / 2 cannot overflow, whatever the signs.
         half_deviation = ops.where(row_valid, 0.5 * rows - 0.5 * median, ops.zeros_like(rows))
         count = ops.sum(ops.cast(row_valid, dtype), axis=-1, keepdims=True)
         count = larger(count, ops.ones_like(count))
-        half_mean_abs = ops.sum(ops.abs(half_deviation), axis=-1, keepdims=True) / count
+        # Each term divided first: a sum of many large deviations would overflow.
+        half_mean_abs = ops.sum(ops.abs(half_deviation) / count, axis=-1, keepdims=True)
         # More than half the entries tied at the median: the mean absolute deviation instead.
         half_sigma = ops.where(
             half_mad > 0,

@@ -563,6 +563,45 @@ def test_tiny_spread_is_finite_with_exact_masses():
     np.testing.assert_allclose(masks.sum(1), [[3, 6, 3]] * 2, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_rows_of_the_smallest_normal_scores_are_not_constant(dtype, compiled):
+    # Their half-deviations from the median are subnormal, which TensorFlow and XLA flush to
+    # zero: without lifting the row first, it looked constant (every membership 1/N).
+    tiny = float(np.finfo(dtype).tiny)
+    x = np.zeros(SHAPE)
+    x[:, -5:] = tiny
+    call = lambda v: ops.soft_topk_mask(v, 1.0, epsilon=0.1)  # noqa: E731
+    masks = to_numpy((jit(call) if compiled else call)(tensor(x, dtype))).astype(np.float64)
+    scaled = to_numpy(call(tensor(x * 2.0**20, dtype))).astype(np.float64)
+    np.testing.assert_allclose(masks, scaled, atol=ATOL[dtype] * 10)
+    assert np.all(masks[:, -5:] > 0.15) and np.all(masks[:, :-5] < 0.01), masks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_sorting_ops_of_rows_at_the_largest_value_stay_finite(dtype, compiled):
+    # Ten entries at float32's largest value: the barycentres summed them to inf. Under XLA,
+    # which rewrites x / 2 + y / 2 as (x + y) / 2, halving did not prevent it.
+    largest = float(np.finfo(dtype).max)
+    x = np.array([[largest] * N, [largest] * (N - 1) + [-largest]])
+
+    def quantiles(v):
+        return ops.soft_quantile(v, (0.1, 0.5, 0.9), epsilon=0.1)
+
+    out = to_numpy((jit(quantiles) if compiled else quantiles)(tensor(x, dtype)))
+    out = out.astype(np.float64)
+    assert np.all(np.isfinite(out)) and np.all(np.abs(out) <= largest), out
+    np.testing.assert_allclose(out[0], [largest] * 3, rtol=MASS_RTOL[dtype])
+    for sorting in (ops.soft_sort, ops.soft_rank):
+        got = to_numpy(sorting(tensor(x, dtype), epsilon=0.1)).astype(np.float64)
+        assert np.all(np.isfinite(got)), (sorting.__name__, got)
+    ordered = to_numpy(ops.soft_sort(tensor(x[:1], dtype))).astype(np.float64)
+    np.testing.assert_allclose(ordered, x[:1], rtol=MASS_RTOL[dtype])
+    g = grad(lambda v: quantiles(v) * tensor([[1.0, -2.0, 3.0]], dtype), x[:1].astype(dtype))
+    assert np.all(np.isfinite(g)), g
+
+
 OUTLIER_ROW = [-1e6, 0.0236, 0.1463, 0.0278, -0.0248, -0.1425, -0.0191, -0.0020, 0.3, 0.5]
 OUTLIER_ROWS = [[*OUTLIER_ROW, 0.7, -0.4], [*OUTLIER_ROW[::-1], 0.9, -0.8]]
 

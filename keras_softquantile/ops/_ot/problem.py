@@ -10,6 +10,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_softquantile.ops import _numerics
+
 Tensor = Any  # a tensor of the active Keras backend
 
 
@@ -41,7 +43,15 @@ class TransportResult(NamedTuple):
         """
         values = ops.convert_to_tensor(values)
         memberships = ops.cast(self.memberships, values.dtype)
-        return ops.einsum("rnj,rn->rj", memberships, values)
+        # A row near the dtype's largest value (or of tiny values) is scaled by a power of two
+        # first, so that the sum cannot overflow (ten entries at float32's largest value).
+        scale = _numerics.row_scale(values)
+        sums = ops.einsum("rnj,rn->rj", memberships, values * scale) / scale
+        # Scaling back can still round just past the largest value (a membership column sums
+        # to one within the solver's tolerance): the row's extreme value then (NaN stays NaN).
+        high = ops.max(values, axis=-1, keepdims=True, initial=-float("inf"))
+        low = ops.min(values, axis=-1, keepdims=True, initial=float("inf"))
+        return ops.where(ops.isinf(sums), ops.where(sums > 0, high, low), sums)
 
 
 class TransportProblem(NamedTuple):
