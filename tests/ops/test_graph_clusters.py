@@ -84,3 +84,45 @@ def test_inside_xla_with_a_dynamic_batch_the_gradient_compiles(rng):
     eager_high, eager_gradient = _value_and_gradient(_split, x)
     np.testing.assert_allclose(high.numpy(), eager_high.numpy(), atol=1e-5)
     np.testing.assert_allclose(gradient.numpy(), eager_gradient.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_each_op_keeps_a_bounded_number_of_compiled_clusters(rng):
+    """One cluster per input shape, the least recently used dropped beyond the capacity: a
+    process that meets many shapes does not keep every compilation alive."""
+    from keras_softquantile.ops import selection
+
+    cache = selection.soft_quantile_split.compiled_cache
+    capacity = cache.capacity
+    cache.capacity = 2
+    try:
+        keys = []
+        for n in (20, 21, 22, 20):
+            x = tf.constant(rng.standard_normal((3, n)), tf.float32)
+            graph = tf.function(_split)(x, tf.constant(0.05))
+            np.testing.assert_allclose(graph[1].numpy(), _split(x, tf.constant(0.05))[1], atol=1e-5)
+            keys.append(list(cache._entries))
+        assert len(cache) == 2
+        # n = 20 was dropped by n = 22 and compiled again; 21 is now the oldest.
+        assert [k[-1][0].shape[1] for k in keys[-1]] == [22, 20]
+    finally:
+        cache.capacity = capacity
+
+
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_compiled_cache_builds_once_per_key_and_evicts_the_least_recently_used(capacity):
+    from keras_softquantile.ops._backend._common import CompiledCache
+
+    cache, built = CompiledCache(capacity), []
+
+    def build(key):
+        built.append(key)
+        return key * 10
+
+    for key in [1, 2, 1, 3, 1, 4, 2]:
+        assert cache.get(key, lambda key=key: build(key)) == key * 10
+    assert len(cache) == capacity
+    # Capacity 3: 1, 2, 3 built; 1 reused; 4 drops 2 (least recently used); 2 is rebuilt.
+    expected = [1, 2, 1, 3, 1, 4, 2] if capacity == 1 else [1, 2, 3, 4, 2]
+    assert built == expected, built
+    with pytest.raises(ValueError, match="`capacity` must be at least 1, got 0"):
+        CompiledCache(0)

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
-from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE
+from keras_softquantile.ops._backend._common import SECOND_ORDER_MESSAGE, CompiledCache
 
 # Inside traced graphs the solver's stages run as XLA clusters: each pass over the data fuses
 # into one loop instead of running kernel by kernel, while the warm-start sort (for many
@@ -76,7 +76,7 @@ def compiled_op(function):
     `InvalidArgumentError` in a graph. Eagerly, inside another whole-op cluster, and with
     `COMPILE_WHOLE_OPS` off, it is `function` itself.
     """
-    cache = {}
+    cache = CompiledCache()
 
     @functools.wraps(function)
     def dispatch(*args, **kwargs):
@@ -102,9 +102,9 @@ def compiled_op(function):
         # one trace's outputs with the other's message templates.
         signature = tuple(tf.TensorSpec(t.shape, t.dtype) for t in tensors)
         key = (repr(structure), tuple(_static_key(x) for x in static), tuple(is_tensor), signature)
-        if key not in cache:
-            cache[key] = _hoisting_cluster(function, structure, static, is_tensor, signature)
-        compiled, templates = cache[key]
+        compiled, templates = cache.get(
+            key, lambda: _hoisting_cluster(function, structure, static, is_tensor, signature)
+        )
 
         def clustered():
             outputs, conditions, data = compiled(*tensors)
@@ -133,6 +133,7 @@ def compiled_op(function):
         )
         return tf.cond(usable, clustered, lambda: function(*args, **kwargs))
 
+    dispatch.compiled_cache = cache
     return dispatch
 
 
