@@ -138,8 +138,10 @@ def squash_scores(
       * `h` is strictly increasing and never saturates: `z` leaves [0, 1] in the far tails
         (growing like the log of the distance), so distinct far scores keep distinct `z` and
         their hard order (cubed Cauchy scores are as sharply separated as Gaussian ones);
-      * a row of tiny scores (largest magnitude below 1) is first scaled up by a power of
-        two (exactly), so the deviations of tiny scores stay clear of the subnormal range,
+      * a row of tiny scores (largest magnitude below 1), or one holding scores within
+        2**61 (float64; 2**32 in float32) of the smallest normal number, is first scaled up
+        by a power of two (exactly), so the deviations of tiny scores stay clear of the
+        subnormal range,
         which the CPU kernels of TensorFlow and XLA flush to zero (`[0, 2.2e-308]` in
         float64 is not a constant row), and a row near the dtype's largest value is scaled
         down by 256, so nothing overflows (`[3e38, -3e38]` in float32);

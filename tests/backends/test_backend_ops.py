@@ -580,6 +580,25 @@ def test_rows_of_the_smallest_normal_scores_are_not_constant(dtype, compiled):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_a_tiny_median_absolute_deviation_is_not_flushed_to_zero(dtype, compiled):
+    # Eight 0s, the smallest normal number, eight 1s: the median is the tiny entry and so is
+    # the MAD, whose half is subnormal. Flushed to zero, the squashing fell back to the mean
+    # absolute deviation and the 0s took top-1 mass (0.0015 each); the same row times 4 gave
+    # 1e-170. Found by the property suite (scaling by a power of two changes nothing).
+    tiny = float(np.finfo(dtype).tiny)
+    x = np.array([[0.0] * 8 + [1.0] * 8 + [tiny], [0.0] * 8 + [1.0] * 8 + [2.0**-20]])
+    call = lambda v: ops.soft_topk_mask(v, 1.0, epsilon=0.1)  # noqa: E731
+    run = jit(call) if compiled else call
+    masks = to_numpy(run(tensor(x, dtype))).astype(np.float64)
+    scaled = to_numpy(run(tensor(x * 4.0, dtype))).astype(np.float64)
+    np.testing.assert_allclose(masks, scaled, atol=ATOL[dtype] * 10)
+    # The MAD is tiny next to the 1s, which share the top-1 mass nearly alone.
+    np.testing.assert_allclose(masks[:, 8:16], 0.125, atol=1e-6)
+    assert np.all(masks[:, :8] < 1e-6), masks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 def test_sorting_ops_of_rows_at_the_largest_value_stay_finite(dtype, compiled):
     # Ten entries at float32's largest value: the barycentres summed them to inf. Under XLA,
     # which rewrites x / 2 + y / 2 as (x + y) / 2, halving did not prevent it.
