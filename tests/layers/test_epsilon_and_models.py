@@ -127,7 +127,10 @@ def test_subclassed_model(rng):
     assert y.shape == (16,)
     scores = model.scorer(x)
     low, high = ops.soft_quantile_split(x, scores, 0.25, epsilon=0.05, output="mean")
-    expected = keras.ops.sum(ops.soft_topk_mask(scores, 4, epsilon=0.05) * x, -1) + high - low
+    expected = keras.ops.sum(
+        ops.soft_topk_mask(scores, 4, epsilon=0.05) * keras.ops.convert_to_tensor(x), -1
+    )
+    expected = expected + high - low
     np.testing.assert_allclose(to_numpy(y), to_numpy(expected), rtol=1e-4, atol=1e-4)
     model.compile("adam", "mse")
     history = model.fit(x, np.zeros(16, "float32"), epochs=1, batch_size=8, verbose=0)
