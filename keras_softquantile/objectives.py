@@ -131,7 +131,9 @@ def rank_weighted_spread(low, high):
         return ops.sum(low, axis=-1)  # [batch] zeros
     low_weights = _rank_weights(k, keras.backend.standardize_dtype(low.dtype), increasing=False)
     high_weights = _rank_weights(k, keras.backend.standardize_dtype(high.dtype), increasing=True)
-    return ops.matmul(low, low_weights) - ops.matmul(high, high_weights)
+    # Elementwise products and sums, not `ops.matmul`: Keras's PyTorch backend computes a
+    # float64 matmul in float32.
+    return ops.sum(low * low_weights, axis=-1) - ops.sum(high * high_weights, axis=-1)
 
 
 # An objective that needs one `output` mode says so in this attribute; the model checks it.

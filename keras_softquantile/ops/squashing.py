@@ -34,11 +34,6 @@ def larger(a, b):
     return ops.where(a >= b, a, b)
 
 
-def _largest(dtype: str) -> float:
-    """The largest finite value of a float dtype (a string), as a Python float."""
-    return _numerics.largest(dtype)
-
-
 def _median(ordered, count):
     """The median of rows sorted ascending whose first `count` entries are valid (zero for an
     empty row). The middle order statistics are picked by a sort, so gradients reach the one
@@ -62,7 +57,8 @@ def _half_deviation_statistic(ordered, count, median, rank):
     inside = end < count
     last = ops.take_along_axis(ordered, ops.minimum(end, size - 1), axis=-1)
     spread = larger(0.5 * median - 0.5 * ordered, 0.5 * last - 0.5 * median)
-    largest = ops.full_like(spread, _largest(keras.backend.standardize_dtype(ordered.dtype)))
+    dtype = keras.backend.standardize_dtype(ordered.dtype)
+    largest = ops.full_like(spread, _numerics.largest(dtype))
     smallest = ops.min(ops.where(inside, spread, largest), axis=-1, keepdims=True)
     return ops.where(count > 0, smallest, ops.zeros_like(smallest))
 
@@ -89,7 +85,7 @@ def _robust_location_scale(x, valid):
         sample = x[:, ::stride]
         sample_valid = valid[:, ::stride]
     count = ops.cast(ops.sum(ops.cast(sample_valid, "int32"), axis=-1, keepdims=True), "int32")
-    largest = ops.full_like(sample, _largest(keras.backend.standardize_dtype(x.dtype)))
+    largest = ops.full_like(sample, _numerics.largest(keras.backend.standardize_dtype(x.dtype)))
     ordered = ops.sort(ops.where(sample_valid, sample, largest), axis=-1)  # invalid sort last
     median = _median(ordered, count)
     last = ops.maximum(count - 1, 0)
@@ -167,7 +163,7 @@ def squash_scores(
         if 0 in tuple(x.shape):  # nothing to squash (and Keras refuses empty reductions)
             return x * 0.0 + 0.5
         dtype = keras.backend.standardize_dtype(x.dtype)
-        largest = _largest(dtype)
+        largest = _numerics.largest(dtype)
         valid = ops.ones_like(x, dtype="bool") if mask is None else ops.convert_to_tensor(mask)
         shape = ops.shape(x)
         x = ops.where(valid, x, ops.zeros_like(x))

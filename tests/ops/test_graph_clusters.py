@@ -126,3 +126,41 @@ def test_compiled_cache_builds_once_per_key_and_evicts_the_least_recently_used(c
     assert built == expected, built
     with pytest.raises(ValueError, match="`capacity` must be at least 1, got 0"):
         CompiledCache(0)
+
+
+def test_xla_stages_are_skipped_where_the_dense_solve_would_dominate_on_cpus():
+    pays = _tensorflow._xla_solve_pays
+    limit = _tensorflow.XLA_SOLVE_MAX_BOUNDARIES
+    per_target = _tensorflow.XLA_SOLVE_MIN_ENTRIES_PER_TARGET
+    assert pays(None, limit + 1) and pays(10, 3)  # few boundaries: always compiled
+    if tf.config.list_logical_devices("GPU"):
+        assert pays(100, 100)
+        return
+    assert not pays(100, 100) and not pays(None, limit + 2)  # soft_rank of 100: op by op
+    assert pays(per_target * 64, 64) and not pays(per_target * 64 - 1, 64)
+
+
+def test_soft_rank_asks_whether_its_solver_stages_pay_as_clusters(rng, monkeypatch):
+    asked = []
+    rule = _tensorflow._xla_solve_pays
+
+    def recorded(n, m):
+        asked.append((n, m, rule(n, m)))
+        return asked[-1][-1]
+
+    monkeypatch.setattr(_tensorflow, "_xla_solve_pays", recorded)
+    x = tf.constant(rng.standard_normal((3, 40)), tf.float64)
+    w = tf.constant(rng.standard_normal((3, 40)), tf.float64)  # sum(ranks) is constant
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        ranks = tf.function(lambda x: ops.soft_rank(x, epsilon=0.05))(x)
+        loss = tf.reduce_sum(w * ranks)
+    gradient = tape.gradient(loss, x)
+    # The Newton loop and the implicit step, both for 40 targets over 40 entries.
+    assert [(n, m) for n, m, _ in asked] == [(40, 40), (40, 40)]
+    assert {pays for *_, pays in asked} == {bool(tf.config.list_logical_devices("GPU"))}
+    np.testing.assert_allclose(ranks, ops.soft_rank(x, epsilon=0.05), rtol=1e-9)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        eager = tf.reduce_sum(w * ops.soft_rank(x, epsilon=0.05))
+    np.testing.assert_allclose(gradient, tape.gradient(eager, x), rtol=1e-7)

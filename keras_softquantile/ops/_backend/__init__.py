@@ -6,9 +6,10 @@ Everything else in `keras_softquantile.ops` is written on `keras.ops`. This pack
   execution), so that a broken promise raises; otherwise the ops assert in TensorFlow graphs
   (`assert_that`, `with_dependencies`) and put NaN in the offending rows (under XLA and
   `jax.jit`, where nothing can raise).
-* `compiled_stage(function)`: a solver stage compiled where that is measured to pay (XLA
-  clusters inside TensorFlow graphs; elsewhere the function itself, compiled with the caller's
-  `jax.jit` or run eagerly by PyTorch).
+* `compiled_stage(function, transport_shape)`: a solver stage compiled where that is measured
+  to pay (XLA clusters inside TensorFlow graphs, except where XLA's slow dense solver on CPUs
+  would dominate; elsewhere the function itself, compiled with the caller's `jax.jit` or run
+  eagerly by PyTorch).
 * `compiled_op(function)`: a whole selection op as one XLA cluster inside TensorFlow graphs
   that are not compiled as a whole, with its run-time checks hoisted out of the cluster
   (elsewhere the function itself).

@@ -53,12 +53,43 @@ def with_dependencies(x, assertions: list):
         return tf.identity(x)
 
 
-def compiled_stage(function):
-    """`function`, run as one XLA cluster when called inside a traced graph."""
+# XLA on CPUs solves dense linear systems far slower than TensorFlow's own kernels (256
+# systems of 99 x 99 in float64: 475 ms against 13 ms, measured 2026-12-01), and Newton makes
+# one such solve per step once there are more than 3 targets. A stage whose solve is large next
+# to its pass over the data therefore runs op by op on CPU-only machines: more than
+# `XLA_SOLVE_MAX_BOUNDARIES` boundaries with fewer than `XLA_SOLVE_MIN_ENTRIES_PER_TARGET`
+# entries per target. Measured (256 rows, float64, Newton in a graph, XLA stage against op by
+# op, in one run): n = 1000 entries, m = 32 targets 735 / 1637 ms, m = 64 2199 / 3663 ms;
+# n = 100, m = 16 84 / 111 ms, m = 32 548 / 205 ms, m = 64 618 / 348 ms; `soft_rank` of
+# 256 x 100 (m = 100) 4268 / 535 ms.
+XLA_SOLVE_MAX_BOUNDARIES = 16
+XLA_SOLVE_MIN_ENTRIES_PER_TARGET = 8
+
+
+@functools.cache
+def _cpu_only() -> bool:
+    return not tf.config.list_logical_devices("GPU")
+
+
+def _xla_solve_pays(n: int | None, m: int) -> bool:
+    """Whether a stage with `m` targets over rows of `n` entries pays as an XLA cluster."""
+    if m - 1 <= XLA_SOLVE_MAX_BOUNDARIES or not _cpu_only():
+        return True
+    return n is not None and n >= XLA_SOLVE_MIN_ENTRIES_PER_TARGET * m
+
+
+def compiled_stage(function, transport_shape=None):
+    """`function`, run as one XLA cluster when called inside a traced graph.
+
+    `transport_shape`, when given, maps the stage's arguments to `(n, m)` (entries per row,
+    targets): on CPUs, a stage whose dense solve would dominate runs op by op instead (see
+    `XLA_SOLVE_MAX_BOUNDARIES`).
+    """
     compiled = tf.function(function, jit_compile=True, reduce_retracing=True)
 
     def dispatch(*args):
-        if COMPILE_SOLVER_LOOP and not tf.executing_eagerly():
+        pays = transport_shape is None or _xla_solve_pays(*transport_shape(*args))
+        if COMPILE_SOLVER_LOOP and pays and not tf.executing_eagerly():
             return compiled(*args)
         return function(*args)
 

@@ -25,8 +25,9 @@ def compiled_op(function):
     return function
 
 
-def compiled_stage(function):
-    """`function` itself, run eagerly (see the benchmarks for `torch.compile`)."""
+def compiled_stage(function, transport_shape=None):
+    """`function` itself, run eagerly (see the benchmarks for `torch.compile`);
+    `transport_shape` is not needed here (see the TensorFlow backend)."""
     return function
 
 

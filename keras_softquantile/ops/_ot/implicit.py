@@ -6,7 +6,13 @@ from keras import ops
 
 from keras_softquantile.ops import _backend
 from keras_softquantile.ops._ot import kernels
-from keras_softquantile.ops._ot.problem import Tensor, TransportProblem, TransportResult, reduce_max
+from keras_softquantile.ops._ot.problem import (
+    Tensor,
+    TransportProblem,
+    TransportResult,
+    problem_shape,
+    reduce_max,
+)
 
 
 def anchored(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +98,9 @@ def implicit_memberships(
 
 
 # The implicit step, its hand-written backward included.
-_run_implicit_memberships = _backend.compiled_stage(implicit_memberships)
+_run_implicit_memberships = _backend.compiled_stage(
+    implicit_memberships, transport_shape=problem_shape
+)
 
 
 def _implicit_gradient_columns(z, eps, a, anchor, t_star, k_star, m, grad_pi, grad_t):

@@ -13,6 +13,7 @@ from keras_softquantile.ops._ot.problem import (
     TransportProblem,
     TransportResult,
     make_problem,
+    problem_shape,
     reduce_max,
     reduce_min,
 )
@@ -71,7 +72,7 @@ def newton_loop(
 
 # Inside traced TensorFlow graphs these stages run as XLA clusters (see `_backend`).
 _run_bisection = _backend.compiled_stage(bisection_boundaries)
-_run_newton_loop = _backend.compiled_stage(newton_loop)
+_run_newton_loop = _backend.compiled_stage(newton_loop, transport_shape=problem_shape)
 
 
 def solve_newton(

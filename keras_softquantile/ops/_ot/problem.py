@@ -139,6 +139,12 @@ def _cumsum_keeps(dtype: str) -> bool:
     return keras.backend.standardize_dtype(probe.dtype) == dtype
 
 
+def problem_shape(problem: TransportProblem, *_) -> tuple[int | None, int]:
+    """`(n, m)` of a solver stage whose first argument is `problem`: entries per row (None
+    when known only at run time) and targets (see `_backend.compiled_stage`)."""
+    return problem.z.shape[-1], problem.m
+
+
 def cumsum(x: Tensor, axis: int = -1) -> Tensor:
     """`ops.cumsum` along `axis` (-1 only where it falls back), in the dtype of `x`.
 
