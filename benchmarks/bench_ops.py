@@ -31,23 +31,10 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
-BACKENDS = ("tensorflow", "jax", "torch")
+from _harness import BACKENDS, backend_versions, block, median_ms, select_backend
 
-
-def _backend_from_argv() -> str:
-    """The `--backend` value, read before Keras is imported (Keras reads KERAS_BACKEND once)."""
-    for i, argument in enumerate(sys.argv):
-        if argument == "--backend" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-        if argument.startswith("--backend="):
-            return argument.split("=", 1)[1]
-    return os.environ.get("KERAS_BACKEND", "tensorflow")
-
-
-os.environ["KERAS_BACKEND"] = _backend_from_argv()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+select_backend()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -129,22 +116,6 @@ def timed_functions(epsilon: float) -> tuple[dict, dict]:
     )
 
 
-def _block(structure) -> None:
-    """Waits for every result (JAX dispatches asynchronously) by reading it back."""
-    for value in keras.tree.flatten(structure):
-        np.asarray(keras.ops.convert_to_numpy(value))
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    _block(fn(*args))  # warm-up: trace and compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
 def memory_probe(size: str, what: str, epsilon: float, xla: bool) -> float:
     """Runs in a subprocess (TensorFlow): peak allocator memory (MiB) of one call."""
     import tensorflow as tf
@@ -161,10 +132,10 @@ def memory_probe(size: str, what: str, epsilon: float, xla: bool) -> float:
 
     fn = {"forward": forward, "forward_backward": forward_backward}[what]
     fn = tf.function(fn, jit_compile=xla)
-    _block(fn(x, w))  # trace and compile first
+    block(fn(x, w))  # trace and compile first
     tf.config.experimental.reset_memory_stats("CPU:0")
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    _block(fn(x, w))
+    block(fn(x, w))
     return (tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20
 
 
@@ -218,20 +189,6 @@ def measure(size: str, epsilon: float, repeats: int, memory: bool) -> dict:
     return row
 
 
-def _versions() -> str:
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return f"TensorFlow {tf.__version__}"
-    if BACKEND == "jax":
-        import jax
-
-        return f"JAX {jax.__version__}"
-    import torch
-
-    return f"PyTorch {torch.__version__}"
-
-
 def format_table(rows: list[dict], epsilon: float) -> str:
     modes = " / ".join(rows[0]["soft_ms"]) if rows else ""
     sort_modes = " / ".join(rows[0]["sort_ms"]) if rows else ""
@@ -263,7 +220,7 @@ def format_table(rows: list[dict], epsilon: float) -> str:
         )
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Keras backend {BACKEND} ({_versions()}), float32, epsilon={epsilon:g}"
+        f"Keras backend {BACKEND} ({backend_versions()}), float32, epsilon={epsilon:g}"
     )
     return "\n".join(lines) + f"\n\nMachine: {machine}. Times are medians.\n"
 

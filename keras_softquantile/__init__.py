@@ -22,6 +22,8 @@ __all__ = [
     "epsilon",
     "epsilon_weights",
     "layers",
+    "losses",
+    "metrics",
     "models",
     "objectives",
     "ops",
@@ -35,7 +37,18 @@ __all__ = [
     "soft_topk_mask",
 ]
 
-_SUBMODULES = frozenset({"callbacks", "epsilon", "layers", "models", "objectives", "ops"})
+_SUBMODULES = frozenset(
+    {
+        "callbacks",
+        "epsilon",
+        "layers",
+        "losses",
+        "metrics",
+        "models",
+        "objectives",
+        "ops",
+    }
+)
 
 # Each public class and function, by the submodule that defines it.
 _PUBLIC_NAMES = {
@@ -160,7 +173,16 @@ if not _imported_to_run_own_command_line():
 
     _tensorflow_logs.import_tensorflow()  # held to TF_CPP_MIN_LOG_LEVEL from its first line
 
-    from keras_softquantile import callbacks, epsilon, layers, models, objectives, ops
+    from keras_softquantile import (
+        callbacks,
+        epsilon,
+        layers,
+        losses,
+        metrics,
+        models,
+        objectives,
+        ops,
+    )
     from keras_softquantile.epsilon import EpsilonWeight, epsilon_weights
     from keras_softquantile.layers import (
         SoftQuantileMasks,

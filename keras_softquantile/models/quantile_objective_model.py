@@ -16,7 +16,7 @@ from keras import ops
 from keras_softquantile import objectives
 from keras_softquantile import ops as soft_ops
 from keras_softquantile.epsilon import EpsilonWeight, check_epsilon
-from keras_softquantile.models import _steps
+from keras_softquantile.models import _selection, _steps
 from keras_softquantile.models.linear_scorer import LinearScorer
 from keras_softquantile.ops import _backend, _validation
 from keras_softquantile.ops.perturbed import check_num_samples
@@ -615,88 +615,42 @@ class QuantileObjectiveModel(_steps.BackendSteps, keras.Model):
 
     def _soft_selection(self, values, scores, valid, epsilon):
         """`(low, high)` as the objective receives them, and the soft membership weights."""
-        mask = None if self.output_mode == "sorted" else valid
+        if self.gradient_estimator == "ot":
+            return _selection.soft_selection(
+                values,
+                scores,
+                valid,
+                quantile=self.quantile,
+                epsilon=epsilon,
+                output=self.output_mode,
+                solver=self.solver,
+            )
         mode = "sorted" if self.output_mode == "sorted" else "weights"
-        if self.gradient_estimator == "perturbed":
-            seed = self._next_seed()
-            (low, high), (low_w, high_w) = soft_ops.perturbed_quantile_split(
-                values,
-                scores,
-                self.quantile,
-                sigma=self.sigma,
-                num_samples=self.num_samples,
-                mask=mask,
-                output=mode,
-                seed=seed,
-                return_weights=True,
-            )
-            if mode == "weights":
-                low_w, high_w = low, high
-        elif mode == "sorted":
-            (low, high), diagnostics = soft_ops.soft_quantile_split(
-                values,
-                scores,
-                self.quantile,
-                epsilon=epsilon,
-                output="sorted",
-                solver=self.solver,
-                return_diagnostics=True,
-            )
-            k = low.shape[-1]
-            memberships = diagnostics.memberships
-            low_w = ops.sum(memberships[..., :k], axis=-1)
-            high_w = ops.sum(memberships[..., memberships.shape[-1] - k :], axis=-1)
-        else:
-            low_w, high_w = soft_ops.soft_quantile_split(
-                values,
-                scores,
-                self.quantile,
-                epsilon=epsilon,
-                mask=mask,
-                output="weights",
-                solver=self.solver,
-            )
+        seed = self._next_seed()
+        (low, high), (low_w, high_w) = soft_ops.perturbed_quantile_split(
+            values,
+            scores,
+            self.quantile,
+            sigma=self.sigma,
+            num_samples=self.num_samples,
+            mask=None if mode == "sorted" else valid,
+            output=mode,
+            seed=seed,
+            return_weights=True,
+        )
         if mode == "weights":
-            low = objectives.Selection(values, low_w)
-            high = objectives.Selection(values, high_w)
-            if self.output_mode == "mean":
-                low, high = low.mean(), high.mean()
+            low_w, high_w = low, high
+            low, high = _selection.selection_pair(values, low_w, high_w, self.output_mode)
         return (low, high), (low_w, high_w)
 
     def _hard_selection(self, values, scores, valid):
         """The hard `(low, high)` in the objective's form, and the hard boolean masks."""
-        scores = ops.stop_gradient(scores)
-        largest = float(np.finfo(_dtype(scores)).max)
-        key = ops.where(valid, scores, ops.full_like(scores, largest))
-        order = ops.argsort(key, axis=-1)  # stable on every backend: padding sorts last
-        ranks = ops.argsort(order, axis=-1)
-        count = ops.sum(ops.cast(valid, "int32"), axis=-1, keepdims=True)
-        k = _validation.hard_split_sizes(count, self.quantile, values.shape[-1])
-        low_mask = ranks < k
-        high_mask = ops.logical_and(ranks >= count - k, valid)
-        if self.output_mode == "sorted":
-            n = values.shape[-1]
-            k_static = math.floor(self.quantile * n + 1e-9)
-            ordered = ops.take_along_axis(values, order, axis=-1)
-            pair = (ordered[:, :k_static], ordered[:, n - k_static :])
-        else:
-            pair = tuple(
-                objectives.Selection(values, ops.cast(m, _dtype(values)))
-                for m in (low_mask, high_mask)
-            )
-            if self.output_mode == "mean":
-                pair = tuple(s.mean() for s in pair)
-        return pair, (low_mask, high_mask)
+        return _selection.hard_selection(
+            values, scores, valid, quantile=self.quantile, output=self.output_mode
+        )
 
     def _evaluate_objective(self, pair):
-        value = self.objective_function(*pair)
-        value = ops.convert_to_tensor(value)
-        if len(value.shape) not in (0, 1):
-            raise ValueError(
-                "The objective must return one value per instance [batch] or a scalar. "
-                f"Received: an output of shape {tuple(value.shape)}"
-            )
-        return ops.mean(value)
+        return ops.mean(_selection.objective_values(self.objective_function, pair))
 
     # ----------------------------------------------------------------- steps
     #

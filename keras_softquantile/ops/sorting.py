@@ -7,19 +7,54 @@ import math
 import keras
 from keras import ops
 
-from keras_softquantile.ops import _validation
+from keras_softquantile.ops import _backend, _validation
 from keras_softquantile.ops._layout import Prepared, constant_masses
 from keras_softquantile.ops._ot.problem import Tensor
 from keras_softquantile.ops._validation import DEFAULT_EPSILON
+from keras_softquantile.ops.squashing import larger
 
 __all__ = ["soft_quantile", "soft_rank", "soft_sort", "soft_sort_with"]
 
 
-def _sorted_rows(values, prepared: Prepared, epsilon, solver, op: str):
+def _sorting_masses(prepared: Prepared, n: int):
+    """The n targets' masses: `1 / n` each, or with a mask `[rows, n]`, `1 / v` for the first
+    v targets of a row with v valid entries and 0 for the rest.
+
+    Zero-mass targets stay empty, so the valid entries are sorted onto the first v targets
+    exactly as the row without its padding would be (the targets' spacing does not enter the
+    memberships; see `transport`).
+    """
+    if not prepared.masked:
+        return constant_masses([1.0 / n] * n)
+    dtype = "float64" if _backend.float64_available() else prepared.dtype
+    count = ops.cast(prepared.count, dtype)  # [rows, 1]
+    filled = ops.cast(ops.arange(n, dtype=dtype)[None, :] < count, dtype)
+    # An all-padding row has nothing to place (the solver zeroes its targets), but its masses
+    # must still have a positive total to be normalised.
+    return ops.where(count > 0, filled / larger(count, ops.ones_like(count)), 1.0 / n)
+
+
+def _solve_sorting(prepared: Prepared, epsilon, solver, op: str):
     n = _validation.static_length(prepared.layout.rows, -1, op, minimum=1)
-    result = prepared.solve(constant_masses([1.0 / n] * n), epsilon, solver, op)
-    # Target j's barycentre: sum_i P_ij v_i / b_j = sum_i pi_ij v_i since a_i = b_j = 1/n.
-    return result.membership_weighted_sums(values), result
+    return n, prepared.solve(_sorting_masses(prepared, n), epsilon, solver, op)
+
+
+def _sorted_rows(values, prepared: Prepared, epsilon, solver, descending: bool, op: str):
+    """`[rows, n]`: the soft reordering of `values` (rows), zero past each row's valid count."""
+    n, result = _solve_sorting(prepared, epsilon, solver, op)
+    # Padding may hold anything (NaN included): it must not reach the sums, even times zero.
+    values = ops.where(prepared.valid, values, ops.zeros_like(values))
+    # Target j's barycentre: sum_i P_ij v_i / b_j = sum_i pi_ij v_i since a_i = b_j (= 1/v).
+    ordered = result.membership_weighted_sums(values)
+    if not descending:
+        return ordered
+    if not prepared.masked:
+        return ops.flip(ordered, axis=-1)
+    # Reverse each row's first v positions; positions past v stay zero.
+    slots = ops.arange(n, dtype="int32")[None, :]
+    count = ops.cast(prepared.count, "int32")
+    index = ops.where(slots < count, count - 1 - slots, slots)
+    return ops.take_along_axis(ordered, index, axis=-1)
 
 
 def soft_sort(
@@ -28,6 +63,7 @@ def soft_sort(
     epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
+    mask: Tensor | None = None,
     solver: str = "auto",
     name: str | None = None,
 ):
@@ -40,6 +76,10 @@ def soft_sort(
     entries are convex combinations of `x` that preserve `sum(x)` exactly, and it is
     equivariant to positive rescaling (`soft_sort(c * x) = c * soft_sort(x)`, `c > 0`).
     `epsilon` is in quantile-level units: choose it below `1 / n` for a nearly hard sort.
+
+    With a `mask`, a row with v valid entries gives in its first v positions exactly (to
+    rounding) what the row without its padding gives, and zeros after them; padded entries
+    get zero gradient, even if they hold NaN.
 
     It solves an n x n transport (Sinkhorn, polished by Newton steps), so time and memory grow
     as n^2: meant for rows of up to a few thousand entries.
@@ -58,6 +98,8 @@ def soft_sort(
         epsilon: positive float or scalar tensor; smaller is sharper.
         axis: the axis to sort along.
         descending: sort from largest to smallest.
+        mask: optional boolean tensor like `x`, True for valid entries; the sorted valid
+            entries fill the first positions of each row, and the rest are 0.
         solver: "auto", "newton" or "sinkhorn".
         name: optional name scope.
 
@@ -65,10 +107,9 @@ def soft_sort(
         A tensor like `x`.
     """
     with keras.name_scope(name or "soft_sort"):
-        prepared = Prepared(x, axis, None, name="x")
-        ordered, _ = _sorted_rows(prepared.layout.rows, prepared, epsilon, solver, "soft_sort")
-        if descending:
-            ordered = ops.flip(ordered, axis=-1)
+        prepared = Prepared(x, axis, mask, name="x")
+        rows = prepared.layout.rows
+        ordered = _sorted_rows(rows, prepared, epsilon, solver, descending, "soft_sort")
         return prepared.output(prepared.layout.restore(ordered))
 
 
@@ -79,6 +120,7 @@ def soft_sort_with(
     epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
+    mask: Tensor | None = None,
     solver: str = "auto",
     name: str | None = None,
 ):
@@ -88,7 +130,8 @@ def soft_sort_with(
     `keras.ops.take_along_axis(values, keras.ops.argsort(scores, axis), axis)`: output
     position j averages the values of the entries whose scores the transport assigns to the
     j-th ordered target. Converges to the hard reordering as `epsilon -> 0` with
-    distinct scores. `soft_sort(x)` is `soft_sort_with(x, x)`.
+    distinct scores. `soft_sort(x)` is `soft_sort_with(x, x)`. A `mask` works as in
+    `soft_sort`.
 
     Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
     did not converge raise when the values can be read (inside `tf.function`, an
@@ -101,6 +144,7 @@ def soft_sort_with(
         epsilon: positive float or scalar tensor; smaller is sharper.
         axis: the axis to sort along.
         descending: order by descending score.
+        mask: optional boolean tensor like `scores`, True for valid entries (see `soft_sort`).
         solver: "auto", "newton" or "sinkhorn".
         name: optional name scope.
 
@@ -108,11 +152,9 @@ def soft_sort_with(
         A tensor like `values`.
     """
     with keras.name_scope(name or "soft_sort_with"):
-        prepared = Prepared(scores, axis, None)
+        prepared = Prepared(scores, axis, mask)
         rows = prepared.values(values, own_precision=True)
-        ordered, _ = _sorted_rows(rows, prepared, epsilon, solver, "soft_sort_with")
-        if descending:
-            ordered = ops.flip(ordered, axis=-1)
+        ordered = _sorted_rows(rows, prepared, epsilon, solver, descending, "soft_sort_with")
         dtype = keras.backend.standardize_dtype(ops.convert_to_tensor(values).dtype)
         return ops.cast(prepared.layout.restore(ordered), dtype)
 
@@ -123,6 +165,7 @@ def soft_rank(
     epsilon: float | Tensor = DEFAULT_EPSILON,
     axis: int = -1,
     descending: bool = False,
+    mask: Tensor | None = None,
     solver: str = "auto",
     name: str | None = None,
 ):
@@ -134,6 +177,10 @@ def soft_rank(
     and converge to the hard ranks as `epsilon -> 0` with distinct entries (ties share the
     average rank).
 
+    With a `mask`, the valid entries of a row with v of them get exactly (to rounding) the
+    ranks in [0, v - 1] that the row without its padding gives; padded entries get rank 0
+    and zero gradient, even if they hold NaN.
+
     Bad arguments raise `ValueError` or `TypeError`; non-finite valid scores and a solver that
     did not converge raise when the values can be read (inside `tf.function`, an
     `InvalidArgumentError`). Under `jax.jit` and XLA, where errors cannot be raised, rows that
@@ -142,12 +189,18 @@ def soft_rank(
     >>> x = np.array([3.0, 1.0, 2.0], "float32")
     >>> np.round(keras.ops.convert_to_numpy(keras_softquantile.ops.soft_rank(x, epsilon=1e-3)), 4)
     array([2., 0., 1.], dtype=float32)
+    >>> x = np.array([3.0, 1.0, np.nan], "float32")
+    >>> ranks = keras_softquantile.ops.soft_rank(x, epsilon=1e-3, mask=np.array([1, 1, 0], bool))
+    >>> np.round(keras.ops.convert_to_numpy(ranks), 4)
+    array([1., 0., 0.], dtype=float32)
 
     Args:
         x: float tensor with a static length along `axis`.
         epsilon: positive float or scalar tensor; smaller is sharper.
         axis: the axis to rank along.
         descending: rank 0 for the largest entry.
+        mask: optional boolean tensor like `x`, True for valid entries; padded entries get
+            rank 0.
         solver: "auto", "newton" or "sinkhorn".
         name: optional name scope.
 
@@ -155,14 +208,13 @@ def soft_rank(
         A tensor like `x`.
     """
     with keras.name_scope(name or "soft_rank"):
-        prepared = Prepared(x, axis, None, name="x")
-        n = _validation.static_length(prepared.layout.rows, -1, "soft_rank", minimum=1)
-        masses = constant_masses([1.0 / n] * n)
-        result = prepared.solve(masses, epsilon, solver, "soft_rank")
+        prepared = Prepared(x, axis, mask, name="x")
+        n, result = _solve_sorting(prepared, epsilon, solver, "soft_rank")
         positions = ops.arange(n, dtype=prepared.dtype)
         ranks = ops.einsum("rnj,j->rn", result.memberships, positions)
         if descending:
-            ranks = (n - 1) - ranks
+            # Padded entries (zero memberships) keep rank 0.
+            ranks = ops.where(prepared.valid, (prepared.count - 1) - ranks, ranks)
         return prepared.output(prepared.layout.restore(ranks))
 
 

@@ -9,10 +9,8 @@ tests/layers, tests/models) already makes on TensorFlow, and would only lengthen
 
 from pathlib import Path
 
-import keras
-import numpy as np
 import pytest
-from harness import backend, float64_available
+from harness import backend, float32_policy_and_seed, float64_available, rng  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 # Slow tests that run under TensorFlow too (files, or single tests): what the TensorFlow suite
@@ -48,17 +46,3 @@ def pytest_collection_modifyitems(config, items):
             and item.originalname not in RUN_SLOW_UNDER_TENSORFLOW
         ):
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _float32_policy_and_seed():
-    """Every test starts (and ends) under the float32 policy, with Keras's seeds fixed."""
-    keras.config.set_dtype_policy("float32")
-    keras.utils.set_random_seed(0)
-    yield
-    keras.config.set_dtype_policy("float32")
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)

@@ -23,6 +23,8 @@ tests import no TensorFlow under `KERAS_BACKEND=jax` or `torch`.
   need a trace in which nothing can raise, are skipped (`HAS_TRACING_JIT`).
 * `float64_available()`: whether float64 tensors can be made (JAX needs `JAX_ENABLE_X64=1`);
   `needs_float64` is the matching `skipif` mark.
+* Fixtures, imported by the conftest of each directory that uses this harness:
+  `float32_policy_and_seed` (autouse there) and `rng`.
 """
 
 from __future__ import annotations
@@ -212,3 +214,17 @@ def jit(fn):
 
         return jax.jit(fn)
     return fn
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_and_seed():
+    """Every test starts (and ends) under the float32 policy, with Keras's seeds fixed."""
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
