@@ -19,6 +19,7 @@ __all__ = [
     "SoftSort",
     "SoftTopK",
     "callbacks",
+    "data",
     "epsilon",
     "epsilon_weights",
     "layers",
@@ -40,6 +41,7 @@ __all__ = [
 _SUBMODULES = frozenset(
     {
         "callbacks",
+        "data",
         "epsilon",
         "layers",
         "losses",
@@ -175,6 +177,7 @@ if not _imported_to_run_own_command_line():
 
     from keras_softquantile import (
         callbacks,
+        data,
         epsilon,
         layers,
         losses,

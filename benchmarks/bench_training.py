@@ -1,0 +1,201 @@
+"""Training throughput of `QuantileObjectiveModel.fit`: in memory, streamed from files, and
+against the same scorer trained with mean squared error.
+
+For each n (entries per instance) it generates a panel of instances with M features, and
+measures steady-state instances per second (epochs after the first, which traces and
+compiles, median over `--epochs - 1` epochs) of:
+  * "MSE": a `keras.Sequential` with one bias-free `Dense(1)` on `B` (the linear scorer
+    `C = B @ theta`), `fit` with mean squared error against `A`: the cost of a training step
+    without the soft selection;
+  * "in memory": `QuantileObjectiveModel("spread")`, `fit(x=(A, B))`;
+  * "streamed": the same model on `ksq.data.instances_from_files` over one `.npz` file per
+    instance (written to a temporary directory first, not timed), padded to n.
+Each row also gives the peak resident memory of a fresh process that streams the panel, for
+the panel and for one `--scale` times larger (more instances of the same n): streaming holds
+the batches in flight, so the two should be close.
+
+Usage:
+    python benchmarks/bench_training.py                      # n in 200 2000 20000
+    python benchmarks/bench_training.py --sizes 200 --instances 256 --output results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from _harness import backend_versions, select_backend
+
+select_backend()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_softquantile as ksq  # noqa: E402
+
+M = 20
+
+
+def panel(instances: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((instances, n, M)).astype("float32")
+    A = (B @ rng.standard_normal(M) + rng.standard_normal((instances, n))).astype("float32")
+    return A, B
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def throughput(fit, instances: int, epochs: int) -> float:
+    """Instances per second over the epochs after the first (median)."""
+    timer = EpochTimer()
+    fit(timer, epochs)
+    return instances / float(np.median(timer.seconds[1:]))
+
+
+def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str) -> dict:
+    A, B = panel(instances, n)
+
+    def mse(timer, epochs):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((n, M)), keras.layers.Dense(1, use_bias=False)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        model.fit(
+            B, A[..., None], batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[timer]
+        )
+
+    def objective_model():
+        keras.utils.set_random_seed(0)
+        model = ksq.QuantileObjectiveModel("spread", num_features=M, epsilon=1e-2)
+        model.compile(optimizer=keras.optimizers.Adam(0.01))
+        return model
+
+    def in_memory(timer, epochs):
+        objective_model().fit(
+            x=(A, B), batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[timer]
+        )
+
+    files = os.path.join(directory, f"n{n}")
+    ksq.data.save_instances(files, list(A), list(B))
+
+    def streamed(timer, epochs):
+        dataset = ksq.data.instances_from_files(files, batch_size=batch_size, pad_to=n)
+        objective_model().fit(dataset, epochs=epochs, verbose=0, callbacks=[timer])
+
+    row = {"n": n, "instances": instances}
+    for name, fit in (("mse", mse), ("in_memory", in_memory), ("streamed", streamed)):
+        row[name] = throughput(fit, instances, epochs)
+    return row
+
+
+def peak_memory_mb(n: int, instances: int, batch_size: int, directory: str) -> float:
+    """Peak resident memory of a fresh process that writes and streams the panel once."""
+    command = [
+        sys.executable,
+        __file__,
+        "--probe",
+        json.dumps(
+            {"n": n, "instances": instances, "batch_size": batch_size, "directory": directory}
+        ),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def probe(spec: dict) -> None:
+    files = os.path.join(spec["directory"], f"probe_{spec['n']}_{spec['instances']}")
+    rng = np.random.default_rng(0)
+    for start in range(0, spec["instances"], 64):  # written in chunks: memory stays bounded
+        count = min(64, spec["instances"] - start)
+        B = rng.standard_normal((count, spec["n"], M)).astype("float32")
+        A = (B[..., 0] + rng.standard_normal((count, spec["n"]))).astype("float32")
+        for i in range(count):
+            path = os.path.join(files, f"instance_{start + i:06d}.npz")
+            os.makedirs(files, exist_ok=True)
+            np.savez(path, A=A[i], B=B[i])
+    model = ksq.QuantileObjectiveModel("spread", num_features=M, epsilon=1e-2)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    dataset = ksq.data.instances_from_files(files, batch_size=spec["batch_size"], pad_to=spec["n"])
+    model.fit(dataset, epochs=1, verbose=0)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": peak_kb / 1024}))
+
+
+def format_table(rows: list[dict], scale: int) -> str:
+    lines = [
+        "| n | instances | MSE (inst/s) | in memory (inst/s) | streamed (inst/s) "
+        "| in memory / MSE | streamed / in memory "
+        f"| peak MiB streamed: 1x / {scale}x instances |",
+        "|---" * 8 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} | {r['instances']} | {r['mse']:.0f} | {r['in_memory']:.0f} "
+            f"| {r['streamed']:.0f} | {r['in_memory'] / r['mse']:.2f}x "
+            f"| {r['streamed'] / r['in_memory']:.2f}x "
+            f"| {r['peak_mb']:.0f} / {r['peak_mb_scaled']:.0f} |"
+        )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Keras backend {keras.backend.backend()} ({backend_versions()}), float32, M={M}"
+    )
+    return "\n".join(lines) + f"\n\nMachine: {machine}. Steady-state medians.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[200, 2000, 20000])
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="instances per panel (default: 2e5 / n, at least 64)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--output")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(json.loads(args.probe))
+        return
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2 (the first compiles). Received: {args.epochs}")
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for n in args.sizes:
+            instances = args.instances or max(64, 200_000 // n)
+            row = measure(n, instances, args.batch_size, args.epochs, directory)
+            row["peak_mb"] = peak_memory_mb(n, instances, args.batch_size, directory)
+            row["peak_mb_scaled"] = peak_memory_mb(
+                n, args.scale * instances, args.batch_size, directory
+            )
+            rows.append(row)
+            print(f"measured n={n}", file=sys.stderr, flush=True)
+    table = format_table(rows, args.scale)
+    print(table)
+    if args.output:
+        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+        with open(args.output, "w") as handle:
+            handle.write(table)
+
+
+if __name__ == "__main__":
+    main()
