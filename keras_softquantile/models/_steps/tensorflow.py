@@ -17,6 +17,26 @@ def _shape_string(tensor: tf.Tensor) -> tf.Tensor:
     return tf.strings.join(["(", parts, ")"])
 
 
+def _collective_logs(logs: dict) -> dict:
+    """The step's logs as Keras 3.15 can average them over the workers of a
+    `MultiWorkerMirroredStrategy`: with shape `[1]`, not scalars.
+
+    There Keras averages each log over the replicas with `strategy.reduce("MEAN", v, axis=0)`,
+    which refuses a scalar ("Invalid reduction dimension 0", keras-team/keras#20585); over
+    values of shape `[1]` it returns the scalar average. Anywhere else the logs stay as they
+    are.
+    """
+    strategy = tf.distribute.get_strategy()
+    multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or not (
+        multi_worker is not None and multi_worker()
+    ):
+        return logs
+    return tf.nest.map_structure(
+        lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value, logs
+    )
+
+
 class BackendSteps:
     """`train_step`, `test_step` and `predict_step` of `QuantileObjectiveModel` on TensorFlow.
 
@@ -52,7 +72,28 @@ class BackendSteps:
             variables = self.trainable_variables
             gradients = tape.gradient(scaled, variables)
             self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        return self._update_metrics(loss, forward)
+        return _collective_logs(self._update_metrics(loss, forward))
+
+    # ----------------------------------------------------- MultiWorkerMirroredStrategy
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the optimizer and metrics before the first step under a strategy, from one
+        replica's share of the first batch.
+
+        Keras 3.15 averages the first distributed batch over the replicas for this with
+        `strategy.reduce`, which `MultiWorkerMirroredStrategy` refuses for a `PerReplica` batch
+        ("unsupported type PerReplica", keras-team/keras#20585). The build needs only the
+        structure and shapes of a batch, which one replica's share has.
+        """
+        if iterator is not None and self._distribute_strategy is not None:
+            local = self.distribute_strategy.experimental_local_results
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda x: local(x)[0] if isinstance(x, tf.distribute.DistributedValues) else x,
+                    next(batches),
+                )
+                break
+        return super()._maybe_symbolic_build(data_batch=data_batch)
 
     # ----------------------------------------------------------------- data checks
 
