@@ -66,3 +66,35 @@ def backend_versions() -> str:
     import torch
 
     return f"PyTorch {torch.__version__}"
+
+
+def epoch_timer():
+    """A Keras callback that records each epoch's seconds in `.seconds` (from the start of
+    `fit`); `.steady_state(instances)` is instances per second over the median epoch after
+    the first, which traces and compiles."""
+    import keras
+    import numpy as np
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
+
+        def steady_state(self, instances: int) -> float:
+            return instances / float(np.median(self.seconds[1:]))
+
+    return EpochTimer()
+
+
+def publish(table: str, output: str | None) -> None:
+    """Prints a benchmark's table and, where `output` names a file, writes it there too."""
+    print(table)
+    if output:
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        with open(output, "w") as handle:
+            handle.write(table)

@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 
-from _harness import BACKENDS, backend_versions, median_ms, select_backend
+from _harness import BACKENDS, backend_versions, median_ms, publish, select_backend
 
 select_backend()
 
@@ -153,11 +153,7 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
     table = format_table(measure(args.repeats))
-    print(table)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table)
+    publish(table, args.output)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import platform
 import subprocess
 import sys
 
-from _harness import BACKENDS, backend_versions, block, median_ms, select_backend
+from _harness import BACKENDS, backend_versions, block, median_ms, publish, select_backend
 
 select_backend()
 
@@ -255,11 +255,7 @@ def main() -> None:
             print(json.dumps(row))
         return
     table = format_table(rows, args.epsilon)
-    print(table)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table)
+    publish(table, args.output)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
-from _harness import backend_versions, select_backend
+from _harness import backend_versions, epoch_timer, publish, select_backend
 
 select_backend()
 
@@ -50,22 +49,11 @@ def panel(instances: int, n: int, seed: int = 0):
     return A, B
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def throughput(fit, instances: int, epochs: int) -> float:
     """Instances per second over the epochs after the first (median)."""
-    timer = EpochTimer()
+    timer = epoch_timer()
     fit(timer, epochs)
-    return instances / float(np.median(timer.seconds[1:]))
+    return timer.steady_state(instances)
 
 
 def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str) -> dict:
@@ -190,11 +178,7 @@ def main() -> None:
             rows.append(row)
             print(f"measured n={n}", file=sys.stderr, flush=True)
     table = format_table(rows, args.scale)
-    print(table)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table)
+    publish(table, args.output)
 
 
 if __name__ == "__main__":

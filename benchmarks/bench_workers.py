@@ -21,7 +21,8 @@ import platform
 import socket
 import subprocess
 import sys
-import time
+
+from _harness import epoch_timer, publish
 
 M = 20
 
@@ -37,7 +38,6 @@ def _panel(instances: int, n: int):
 
 def _train(spec: dict) -> dict:
     """One process's run (`--role`): the steady-state throughput it saw."""
-    import numpy as np
 
     strategy = None
     if spec["role"] == "tf_worker":
@@ -70,24 +70,14 @@ def _train(spec: dict) -> dict:
     else:
         data = {"x": (A, B), "batch_size": spec["batch_size"]}
 
-    class EpochTimer(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self._start)
-
     scope = strategy.scope() if strategy is not None else _NoScope()
     with scope:
         keras.utils.set_random_seed(0)
         model = ksq.QuantileObjectiveModel("spread", num_features=M, epsilon=1e-2)
         model.compile(optimizer=keras.optimizers.Adam(0.01))
-    timer = EpochTimer()
+    timer = epoch_timer()
     model.fit(**data, epochs=spec["epochs"], verbose=0, shuffle=False, callbacks=[timer])
-    return {"throughput": spec["instances"] / float(np.median(timer.seconds[1:]))}
+    return {"throughput": timer.steady_state(spec["instances"])}
 
 
 class _NoScope:
@@ -200,11 +190,7 @@ def main() -> None:
         )
     rows = measure(args.n, args.instances, args.batch_size, args.epochs, args.backends)
     table = format_table(rows, args.n, args.instances, args.batch_size)
-    print(table)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table)
+    publish(table, args.output)
 
 
 if __name__ == "__main__":
