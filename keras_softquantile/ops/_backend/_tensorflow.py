@@ -88,8 +88,13 @@ def compiled_stage(function, transport_shape=None):
     compiled = tf.function(function, jit_compile=True, reduce_retracing=True)
 
     def dispatch(*args):
-        pays = transport_shape is None or _xla_solve_pays(*transport_shape(*args))
-        if COMPILE_SOLVER_LOOP and pays and not tf.executing_eagerly():
+        if not COMPILE_SOLVER_LOOP or tf.executing_eagerly() or _in_xla_context():
+            # Inside a graph that XLA compiles whole (`jit_compile=True`), a nested XLA
+            # function must not be made: TensorFlow then treats the gradient's inputs as
+            # compile-time constants and compiles the whole function again for every new
+            # input value (0.6 s per call of `soft_topk_mask`'s gradient on [16, 64]).
+            return function(*args)
+        if transport_shape is None or _xla_solve_pays(*transport_shape(*args)):
             return compiled(*args)
         return function(*args)
 
