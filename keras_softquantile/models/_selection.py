@@ -66,18 +66,41 @@ def soft_selection(values, scores, valid, *, quantile, epsilon, output: str, sol
 
 def hard_selection(values, scores, valid, *, quantile, output: str):
     """The hard `(low, high)` in the objective's form, and the hard boolean masks (no
-    gradient flows to `scores`)."""
+    gradient flows to `scores`).
+
+    The split of `argsort` (stable: equal scores in index order, padding last): the lower
+    bucket holds ranks `< k` and the upper ranks `>= count - k`. A stable sort orders the
+    pairs `(score, index)` lexicographically, so the buckets are the entries up to the pair
+    at rank `k - 1` and from the pair at rank `count - k` on: one sort, then elementwise
+    comparisons (a second sort for the ranks themselves cost as much as the first).
+    """
     scores = ops.stop_gradient(scores)
     largest = float(np.finfo(_dtype(scores)).max)
     key = ops.where(valid, scores, ops.full_like(scores, largest))
     order = ops.argsort(key, axis=-1)  # stable on every backend: padding sorts last
-    ranks = ops.argsort(order, axis=-1)
+    n = values.shape[-1]
     count = ops.sum(ops.cast(valid, "int32"), axis=-1, keepdims=True)
-    k = _validation.hard_split_sizes(count, quantile, values.shape[-1])
-    low_mask = ranks < k
-    high_mask = ops.logical_and(ranks >= count - k, valid)
+    k = _validation.hard_split_sizes(count, quantile, n)
+    index = ops.expand_dims(ops.arange(ops.shape(key)[-1], dtype=order.dtype), 0)
+    last = ops.shape(key)[-1] - 1
+
+    def pair_at(rank):
+        """The `(score, index)` pair at `rank` `[batch, 1]` of each row (clipped into it)."""
+        position = ops.take_along_axis(order, ops.clip(rank, 0, last), axis=-1)
+        return ops.take_along_axis(key, position, axis=-1), position
+
+    nonempty = k > 0
+    low_key, low_index = pair_at(k - 1)
+    low_mask = nonempty & (
+        (key < low_key) | ((key == low_key) & (index <= ops.cast(low_index, index.dtype)))
+    )
+    high_key, high_index = pair_at(count - k)
+    high_mask = (
+        nonempty
+        & valid
+        & ((key > high_key) | ((key == high_key) & (index >= ops.cast(high_index, index.dtype))))
+    )
     if output == "sorted":
-        n = values.shape[-1]
         k_static = math.floor(quantile * n + 1e-9)
         ordered = ops.take_along_axis(values, order, axis=-1)
         pair = (ordered[:, :k_static], ordered[:, n - k_static :])
