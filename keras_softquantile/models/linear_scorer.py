@@ -75,7 +75,10 @@ class LinearScorer(keras.layers.Layer):
         )
 
     def call(self, features):
-        return keras.ops.einsum("...m,m->...", features, keras.ops.cast(self.theta, features.dtype))
+        # A matrix product, not `einsum("...m,m->...")`: TensorFlow's einsum of that form took
+        # 27 ms forward and backward on [16, 20000, 20] against 0.8 ms (CPU graph).
+        theta = keras.ops.cast(self.theta, features.dtype)
+        return keras.ops.squeeze(keras.ops.matmul(features, keras.ops.expand_dims(theta, -1)), -1)
 
     def compute_output_shape(self, input_shape) -> tuple:
         return tuple(input_shape[:-1])
