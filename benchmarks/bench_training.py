@@ -7,7 +7,9 @@ compiles, median over `--epochs - 1` epochs) of:
   * "MSE": a `keras.Sequential` with one bias-free `Dense(1)` on `B` (the linear scorer
     `C = B @ theta`), `fit` with mean squared error against `A`: the cost of a training step
     without the soft selection;
-  * "in memory": `QuantileObjectiveModel("spread")`, `fit(x=(A, B))`;
+  * "in memory": `QuantileObjectiveModel("spread")`, `fit(x=(A, B))` as Keras compiles it
+    by default (on CPU-only TensorFlow: a graph without XLA);
+  * "in memory, XLA": the same with `compile(jit_compile=True)` (XLA on TensorFlow);
   * "streamed": the same model on `ksq.data.instances_from_files` over one `.npz` file per
     instance (written to a temporary directory first, not timed), padded to n.
 Each row also gives the peak resident memory of a fresh process that streams the panel, for
@@ -67,16 +69,19 @@ def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str
             B, A[..., None], batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[timer]
         )
 
-    def objective_model():
+    def objective_model(jit_compile="auto"):
         keras.utils.set_random_seed(0)
         model = ksq.QuantileObjectiveModel("spread", num_features=M, epsilon=1e-2)
-        model.compile(optimizer=keras.optimizers.Adam(0.01))
+        model.compile(optimizer=keras.optimizers.Adam(0.01), jit_compile=jit_compile)
         return model
 
-    def in_memory(timer, epochs):
-        objective_model().fit(
+    def in_memory(timer, epochs, jit_compile="auto"):
+        objective_model(jit_compile).fit(
             x=(A, B), batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[timer]
         )
+
+    def in_memory_xla(timer, epochs):
+        in_memory(timer, epochs, jit_compile=True)
 
     files = os.path.join(directory, f"n{n}")
     ksq.data.save_instances(files, list(A), list(B))
@@ -86,7 +91,13 @@ def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str
         objective_model().fit(dataset, epochs=epochs, verbose=0, callbacks=[timer])
 
     row = {"n": n, "instances": instances}
-    for name, fit in (("mse", mse), ("in_memory", in_memory), ("streamed", streamed)):
+    fits = (
+        ("mse", mse),
+        ("in_memory", in_memory),
+        ("in_memory_xla", in_memory_xla),
+        ("streamed", streamed),
+    )
+    for name, fit in fits:
         row[name] = throughput(fit, instances, epochs)
     return row
 
@@ -126,15 +137,16 @@ def probe(spec: dict) -> None:
 
 def format_table(rows: list[dict], scale: int) -> str:
     lines = [
-        "| n | instances | MSE (inst/s) | in memory (inst/s) | streamed (inst/s) "
-        "| in memory / MSE | streamed / in memory "
+        "| n | instances | MSE (inst/s) | in memory (inst/s) | in memory, XLA (inst/s) "
+        "| streamed (inst/s) | in memory / MSE | in memory, XLA / MSE | streamed / in memory "
         f"| peak MiB streamed: 1x / {scale}x instances |",
-        "|---" * 8 + "|",
+        "|---" * 10 + "|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['instances']} | {r['mse']:.0f} | {r['in_memory']:.0f} "
-            f"| {r['streamed']:.0f} | {r['in_memory'] / r['mse']:.2f}x "
+            f"| {r['in_memory_xla']:.0f} | {r['streamed']:.0f} | {r['in_memory'] / r['mse']:.2f}x "
+            f"| {r['in_memory_xla'] / r['mse']:.2f}x "
             f"| {r['streamed'] / r['in_memory']:.2f}x "
             f"| {r['peak_mb']:.0f} / {r['peak_mb_scaled']:.0f} |"
         )
@@ -153,10 +165,10 @@ def main() -> None:
         "--instances",
         type=int,
         default=None,
-        help="instances per panel (default: 2e5 / n, at least 64)",
+        help="instances per panel (default: 1e6 / n, at least 256)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--output")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
@@ -169,7 +181,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for n in args.sizes:
-            instances = args.instances or max(64, 200_000 // n)
+            instances = args.instances or max(256, 1_000_000 // n)
             row = measure(n, instances, args.batch_size, args.epochs, directory)
             row["peak_mb"] = peak_memory_mb(n, instances, args.batch_size, directory)
             row["peak_mb_scaled"] = peak_memory_mb(
