@@ -1,6 +1,7 @@
 """The hard selection behind the `hard_objective` metric (`QuantileObjectiveModel`, the
 `QuantileObjective` loss and `HardQuantileObjective`), under the active Keras backend: the
-same buckets as numpy's stable argsort, with ties, padding and short rows."""
+same buckets as numpy's stable argsort, with ties, padding and short rows, whether the masks
+come from a sort or from counting (the form used where sorting is slow: XLA on CPUs)."""
 
 import math
 
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keras_softquantile.models import _selection
+from keras_softquantile.ops._backend import float64_available
 
 
 def reference_masks(scores: np.ndarray, valid: np.ndarray, quantile: float):
@@ -30,29 +32,44 @@ def batches(draw):
     NaN padding at random places, and short or empty rows."""
     rows = draw(st.integers(1, 4))
     n = draw(st.integers(1, 24))
-    levels = draw(st.sampled_from([2, 3, 1000]))
+    levels = draw(st.sampled_from([2, 3, 1000, 0]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if levels == 1000:
-        scores = rng.standard_cauchy((rows, n)) * 10.0 ** rng.integers(-3, 30)
+        scores = rng.standard_cauchy((rows, n)) * 10.0 ** rng.integers(-3, 25)
+    elif levels == 0:  # signed zeros, near overflow, tiny, both signs
+        choices = np.array([0.0, -0.0, 3e38, -3e38, 1e-30, -1e-30, 1.0, -1.0])
+        scores = rng.choice(choices, (rows, n))
     else:
-        scores = rng.integers(0, levels, (rows, n)).astype("float64")
+        scores = rng.integers(0, levels, (rows, n)).astype("float64") - 1
     valid = rng.random((rows, n)) > draw(st.sampled_from([0.0, 0.3, 0.9]))
-    values = rng.standard_normal((rows, n))
     quantile = draw(st.sampled_from([0.1, 0.25, 0.3, 0.5]))
-    return values.astype("float32"), scores.astype("float32"), valid, quantile
+    return scores.astype("float32"), valid, quantile
 
 
-@given(batches())
-def test_masks_are_the_stable_argsort_buckets(batch):
-    values, scores, valid, quantile = batch
-    _, (low, high) = _selection.hard_selection(
-        keras.ops.convert_to_tensor(values),
-        keras.ops.convert_to_tensor(scores),
-        keras.ops.convert_to_tensor(valid),
-        quantile=quantile,
-        output="weights",
+def _masks(method: str, scores: np.ndarray, valid: np.ndarray, quantile: float):
+    """The hard masks by `method`: "selection" (`hard_selection` as the model calls it),
+    "sorting" or "counting"."""
+    scores_t, valid_t = keras.ops.convert_to_tensor(scores), keras.ops.convert_to_tensor(valid)
+    if method == "selection":
+        _, masks = _selection.hard_selection(
+            scores_t, scores_t, valid_t, quantile=quantile, output="weights"
+        )
+        return [to_numpy(m) for m in masks]
+    largest = np.finfo(scores.dtype).max
+    key = keras.ops.convert_to_tensor(np.where(valid, scores, largest))
+    count = keras.ops.convert_to_tensor(valid.sum(-1, keepdims=True).astype("int32"))
+    k = keras.ops.convert_to_tensor(
+        np.floor(quantile * valid.sum(-1, keepdims=True) + 1e-9).astype("int32")
     )
-    low, high = to_numpy(low), to_numpy(high)
+    function = getattr(_selection, f"bucket_masks_by_{method}")
+    return [to_numpy(m) for m in function(key, valid_t, k, count)]
+
+
+@pytest.mark.parametrize("method", ["selection", "sorting", "counting"])
+@given(batch=batches())
+def test_masks_are_the_stable_argsort_buckets(method, batch):
+    scores, valid, quantile = batch
+    low, high = _masks(method, scores, valid, quantile)
     expected_low, expected_high = reference_masks(scores, valid, quantile)
     np.testing.assert_array_equal(low, expected_low)
     np.testing.assert_array_equal(high, expected_high)
@@ -83,3 +100,43 @@ def test_objective_forms_follow_the_masks(output, rng):
         expected = [ordered[:, :k], ordered[:, -k:]]
     np.testing.assert_allclose(to_numpy(low), expected[0], rtol=1e-6)
     np.testing.assert_allclose(to_numpy(high), expected[1], rtol=1e-6)
+
+
+@pytest.mark.skipif(not float64_available(), reason="float64 needs jax_enable_x64 on JAX")
+@pytest.mark.parametrize("method", ["sorting", "counting"])
+def test_float64_keys_that_float32_would_tie(method):
+    scores = np.array([[1.0 + 2e-16 * i for i in (3, 1, 2, 0, 5, 4, 7, 6)]])
+    valid = np.ones_like(scores, dtype=bool)
+    low, high = _masks(method, scores, valid, 0.25)
+    np.testing.assert_array_equal(low[0], [0, 1, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(high[0], [0, 0, 0, 0, 0, 0, 1, 1])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA")
+def test_under_xla_on_cpus_the_masks_are_counted(rng, monkeypatch):
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("XLA sorts fast on GPUs: the masks are sorted there")
+    counted = []
+    original = _selection.bucket_masks_by_counting
+
+    def spy(*args):
+        counted.append(True)
+        return original(*args)
+
+    monkeypatch.setattr(_selection, "bucket_masks_by_counting", spy)
+    scores = rng.integers(0, 5, (4, 50)).astype("float32")  # ties
+    valid = rng.random((4, 50)) > 0.2
+
+    def masks(s, v):
+        return _selection.hard_selection(s, s, v, quantile=0.25, output="weights")[1]
+
+    low, high = tf.function(masks, jit_compile=True)(scores, valid)
+    assert counted
+    expected_low, expected_high = reference_masks(scores, valid, 0.25)
+    np.testing.assert_array_equal(low.numpy(), expected_low)
+    np.testing.assert_array_equal(high.numpy(), expected_high)
+    counted.clear()
+    tf.function(masks)(scores, valid)  # a graph without XLA sorts
+    assert not counted

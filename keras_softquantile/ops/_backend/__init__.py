@@ -19,6 +19,9 @@ Everything else in `keras_softquantile.ops` is written on `keras.ops`. This pack
 * `accurate_sum(x, axis, keepdims)`: sums of float32 terms accumulated in float64 (or, on
   JAX without `jax_enable_x64`, in blocks), so 1e6 memberships add up within 1e-7.
 * `float64_available()`: whether float64 tensors can be made (JAX needs `jax_enable_x64`).
+* `bitcast(x, dtype)`: the bits of a tensor read as another type of the same width.
+* `sorts_slowly()`: whether a sort where the code runs (XLA on CPUs) costs far more than a few
+  passes over the data, so that an exact selection should count instead of sorting.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ if NAME not in ("tensorflow", "jax", "torch"):
 
 _implementation = importlib.import_module(f"{__name__}._{NAME}")
 accurate_sum = _implementation.accurate_sum
+bitcast = _implementation.bitcast
 assert_that = _implementation.assert_that
 compiled_op = _implementation.compiled_op
 compiled_stage = _implementation.compiled_stage
 custom_gradient = _implementation.custom_gradient
 float64_available = _implementation.float64_available
 searchsorted = _implementation.searchsorted
+sorts_slowly = _implementation.sorts_slowly
 values_available = _implementation.values_available
 with_dependencies = _implementation.with_dependencies
 
@@ -54,11 +59,13 @@ __all__ = [
     "SECOND_ORDER_MESSAGE",
     "accurate_sum",
     "assert_that",
+    "bitcast",
     "compiled_op",
     "compiled_stage",
     "custom_gradient",
     "float64_available",
     "searchsorted",
+    "sorts_slowly",
     "values_available",
     "with_dependencies",
 ]

@@ -121,6 +121,17 @@ def float64_available() -> bool:
     return bool(jax.config.jax_enable_x64)
 
 
+def bitcast(x, dtype: str):
+    """The bits of `x` read as `dtype`, a type of the same width."""
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def sorts_slowly() -> bool:
+    """Whether a sort here is much slower than a few passes over the data: on CPUs, where
+    XLA's argsort of 16 x 20000 float32 took 47 ms and a pass that counts 0.1 ms."""
+    return jax.default_backend() == "cpu"
+
+
 def accurate_sum(x, axis: int, keepdims: bool = False):
     """Sum along `axis`; float32 accumulated in float64 where `jax_enable_x64` is on, in
     blocks otherwise (XLA's CPU reductions add sequentially)."""

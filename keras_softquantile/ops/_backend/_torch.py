@@ -93,3 +93,14 @@ def accurate_sum(x, axis: int, keepdims: bool = False):
 
 def float64_available() -> bool:
     return True
+
+
+def bitcast(x, dtype: str):
+    """The bits of `x` read as `dtype`, a type of the same width."""
+    return x.view(getattr(torch, dtype))
+
+
+def sorts_slowly() -> bool:
+    """Whether a sort here is much slower than a few passes over the data: never (PyTorch
+    sorts with its own kernels)."""
+    return False
