@@ -74,6 +74,10 @@ def hard_selection(values, scores, valid, *, quantile, output: str):
     instead of sorted (`bucket_masks_by_counting`); both give the same masks.
     """
     scores = ops.stop_gradient(scores)
+    # NaN scores (a NaN theta under XLA, where the data checks cannot raise) order nothing:
+    # such a row's values become NaN, so that `f` of its hard selection is NaN, not a number.
+    broken = ops.any(ops.logical_and(ops.isnan(scores), valid), axis=-1, keepdims=True)
+    values = ops.where(broken, ops.full_like(values, np.nan), values)
     largest = float(np.finfo(_dtype(scores)).max)
     key = ops.where(valid, scores, ops.full_like(scores, largest))
     n = values.shape[-1]

@@ -140,3 +140,27 @@ def test_under_xla_on_cpus_the_masks_are_counted(rng, monkeypatch):
     counted.clear()
     tf.function(masks)(scores, valid)  # a graph without XLA sorts
     assert not counted
+
+
+@pytest.mark.parametrize("output", ["weights", "mean", "sorted"])
+def test_a_nan_score_makes_its_rows_objective_nan(output, rng):
+    """Under XLA (a NaN theta) nothing raises: the hard objective of a row with a NaN score
+    must be NaN, not a plausible number; the other rows keep theirs."""
+    scores = rng.standard_normal((3, 12)).astype("float32")
+    scores[1, 5] = np.nan
+    values = rng.standard_normal((3, 12)).astype("float32")
+    valid = np.ones_like(scores, dtype=bool)
+    pair, _ = _selection.hard_selection(
+        keras.ops.convert_to_tensor(values),
+        keras.ops.convert_to_tensor(scores),
+        keras.ops.convert_to_tensor(valid),
+        quantile=0.25,
+        output=output,
+    )
+    if output == "weights":
+        pair = [p.mean() for p in pair]
+    elif output == "sorted":
+        pair = [keras.ops.mean(p, axis=-1) for p in pair]
+    spread = to_numpy(pair[1]) - to_numpy(pair[0])
+    assert np.isnan(spread[1])
+    assert np.isfinite(spread[[0, 2]]).all()
