@@ -70,8 +70,9 @@ def hard_selection(values, scores, valid, *, quantile, output: str):
 
     The split of a stable `argsort` (equal scores in index order, padding last): the lower
     bucket holds ranks `< k` and the upper ranks `>= count - k`, `k = floor(quantile count)`.
-    Where sorting is slow (XLA on CPUs, `_backend.sorts_slowly`) the masks are counted
-    instead of sorted (`bucket_masks_by_counting`); both give the same masks.
+    Where counting is faster (XLA on CPUs, and long rows in TensorFlow graphs on CPUs, see
+    `_backend.counts_faster`) the masks are counted instead of sorted
+    (`bucket_masks_by_counting`, as one compiled stage); both give the same masks.
     """
     scores = ops.stop_gradient(scores)
     # NaN scores (a NaN theta under XLA, where the data checks cannot raise) order nothing:
@@ -89,8 +90,8 @@ def hard_selection(values, scores, valid, *, quantile, output: str):
         k_static = math.floor(quantile * n + 1e-9)
         ordered = ops.take_along_axis(values, order, axis=-1)
         return (ordered[:, :k_static], ordered[:, n - k_static :]), (low_mask, high_mask)
-    if _backend.sorts_slowly():
-        low_mask, high_mask = bucket_masks_by_counting(key, valid, k, count)
+    if _backend.counts_faster(n):
+        low_mask, high_mask = _run_counting(key, valid, k, count)
     else:
         low_mask, high_mask = bucket_masks_by_sorting(key, valid, k, count)
     weights = [ops.cast(m, _dtype(values)) for m in (low_mask, high_mask)]
@@ -135,6 +136,15 @@ def bucket_masks_by_counting(key, valid, k, count):
     lower = _first_by_rank(codes, k)
     upper = ops.logical_and(valid, ops.logical_not(_first_by_rank(codes, count - k)))
     return lower, ops.logical_and(upper, k > 0)
+
+
+def _counted_masks(key, valid, k, count):
+    """`bucket_masks_by_counting`, looked up when traced (tests replace it)."""
+    return bucket_masks_by_counting(key, valid, k, count)
+
+
+# Inside TensorFlow graphs the 33 counting passes run as one XLA cluster (see `_backend`).
+_run_counting = _backend.compiled_stage(_counted_masks)
 
 
 def _ordered_codes(key):

@@ -112,34 +112,49 @@ def test_float64_keys_that_float32_would_tie(method):
     np.testing.assert_array_equal(high[0], [0, 0, 0, 0, 0, 0, 1, 1])
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA")
-def test_under_xla_on_cpus_the_masks_are_counted(rng, monkeypatch):
+def _graph_ops(graph_def) -> tuple[set, bool]:
+    """The op types of a graph and its functions, and whether any call is compiled by XLA."""
+    bodies = [graph_def.node, *(function.node_def for function in graph_def.library.function)]
+    nodes = [node for body in bodies for node in body]
+    compiled = any(
+        "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b for node in nodes
+    )
+    return {node.op for node in nodes}, compiled
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graphs")
+@pytest.mark.parametrize(
+    "where, n, counted",
+    [("xla", 50, True), ("graph", 50, False), ("graph", 600, True), ("eager", 600, False)],
+)
+def test_on_cpus_long_rows_and_xla_count_instead_of_sorting(where, n, counted, rng):
+    """XLA's CPU sort is slow, and TensorFlow's is slower than one XLA cluster that counts
+    on rows of 512 entries or more (see `_backend.counts_faster`); eagerly TensorFlow sorts."""
     import tensorflow as tf
 
     if tf.config.list_logical_devices("GPU"):
-        pytest.skip("XLA sorts fast on GPUs: the masks are sorted there")
-    counted = []
-    original = _selection.bucket_masks_by_counting
-
-    def spy(*args):
-        counted.append(True)
-        return original(*args)
-
-    monkeypatch.setattr(_selection, "bucket_masks_by_counting", spy)
-    scores = rng.integers(0, 5, (4, 50)).astype("float32")  # ties
-    valid = rng.random((4, 50)) > 0.2
+        pytest.skip("sorts are fast on GPUs: the masks are sorted there")
+    scores = rng.integers(0, 5, (4, n)).astype("float32")  # ties
+    valid = rng.random((4, n)) > 0.2
 
     def masks(s, v):
         return _selection.hard_selection(s, s, v, quantile=0.25, output="weights")[1]
 
-    low, high = tf.function(masks, jit_compile=True)(scores, valid)
-    assert counted
+    if where == "eager":
+        low, high = masks(tf.constant(scores), tf.constant(valid))
+    else:
+        function = tf.function(masks, jit_compile=where == "xla")
+        low, high = function(scores, valid)
+        spec = [tf.TensorSpec(scores.shape, tf.float32), tf.TensorSpec(valid.shape, tf.bool)]
+        graph_def = function.get_concrete_function(*spec).graph.as_graph_def()
+        op_types, compiled = _graph_ops(graph_def)
+        # TensorFlow's argsort is a TopKV2 over the whole row.
+        assert ("TopKV2" not in op_types) == counted
+        # Under `jit_compile=True` the stage is inlined; in a graph it is its own cluster.
+        assert compiled == (where == "graph" and counted)
     expected_low, expected_high = reference_masks(scores, valid, 0.25)
     np.testing.assert_array_equal(low.numpy(), expected_low)
     np.testing.assert_array_equal(high.numpy(), expected_high)
-    counted.clear()
-    tf.function(masks)(scores, valid)  # a graph without XLA sorts
-    assert not counted
 
 
 @pytest.mark.parametrize("output", ["weights", "mean", "sorted"])

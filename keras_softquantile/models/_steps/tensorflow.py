@@ -163,13 +163,16 @@ class BackendSteps:
                 )
             ]
         with tf.control_dependencies(shapes_check):
-            rules = self._data_rules(values, features, objective)
+            ok = self._data_rules_hold(values, features, objective)
+            # The rules' masks and the message are computed only for a batch that fails.
             message = tf.cond(
-                rules.ok,
+                ok,
                 lambda: tf.constant(""),
-                lambda: self._graph_data_message(values, features, rules, objective),
+                lambda: self._graph_data_message(
+                    values, features, self._data_rules(values, features, objective), objective
+                ),
             )
-            return [tf.debugging.Assert(rules.ok, [message], name="check_data")]
+            return [tf.debugging.Assert(ok, [message], name="check_data")]
 
     def _graph_data_message(self, values, features, rules, objective: bool) -> tf.Tensor:
         """`_describe_bad_data` as a string tensor, for the graph assertion."""

@@ -20,8 +20,9 @@ Everything else in `keras_softquantile.ops` is written on `keras.ops`. This pack
   JAX without `jax_enable_x64`, in blocks), so 1e6 memberships add up within 1e-7.
 * `float64_available()`: whether float64 tensors can be made (JAX needs `jax_enable_x64`).
 * `bitcast(x, dtype)`: the bits of a tensor read as another type of the same width.
-* `sorts_slowly()`: whether a sort where the code runs (XLA on CPUs) costs far more than a few
-  passes over the data, so that an exact selection should count instead of sorting.
+* `counts_faster(n)`: whether an exact split of rows of `n` entries should count (33 passes
+  over the data, in a `compiled_stage`) instead of sorting where the code runs (XLA on CPUs;
+  long rows in TensorFlow graphs on CPUs).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ bitcast = _implementation.bitcast
 assert_that = _implementation.assert_that
 compiled_op = _implementation.compiled_op
 compiled_stage = _implementation.compiled_stage
+counts_faster = _implementation.counts_faster
 custom_gradient = _implementation.custom_gradient
 float64_available = _implementation.float64_available
 searchsorted = _implementation.searchsorted
-sorts_slowly = _implementation.sorts_slowly
 values_available = _implementation.values_available
 with_dependencies = _implementation.with_dependencies
 
@@ -62,10 +63,10 @@ __all__ = [
     "bitcast",
     "compiled_op",
     "compiled_stage",
+    "counts_faster",
     "custom_gradient",
     "float64_available",
     "searchsorted",
-    "sorts_slowly",
     "values_available",
     "with_dependencies",
 ]

@@ -100,7 +100,7 @@ def bitcast(x, dtype: str):
     return x.view(getattr(torch, dtype))
 
 
-def sorts_slowly() -> bool:
-    """Whether a sort here is much slower than a few passes over the data: never (PyTorch
-    sorts with its own kernels)."""
+def counts_faster(n: int | None) -> bool:
+    """Whether an exact split of rows of `n` entries should count instead of sorting: never
+    (PyTorch sorts with its own kernels, and its counting passes would run op by op)."""
     return False
