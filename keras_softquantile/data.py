@@ -8,7 +8,8 @@ n]` padded with NaN (the model leaves padded entries out of both selections) and
 
 * `padded_instances(dataset, batch_size)`: batches any dataset of single instances.
 * `instances_from_files(files, batch_size)`: one `.npz` file per instance (arrays `A` `[n]`
-  and `B` `[n, M]`), read as the batches are needed; `save_instances` writes such files.
+  and `B` `[n, M]`), or TFRecord shards of many instances, read as the batches are needed;
+  `save_instances` writes either.
 * `instances_from_csv(path, batch_size, ...)`: a long table with an instance-id column, read
   row by row, the rows of each instance contiguous.
 * `instances_from_columns(table, batch_size, ...)`: the same table already in memory (a pandas
@@ -125,28 +126,58 @@ def padded_instances(
     return padded.prefetch(tf.data.AUTOTUNE)
 
 
-def save_instances(directory: str | os.PathLike, values: Sequence, features: Sequence) -> list[str]:
-    """Writes one `.npz` file per instance, for `instances_from_files`.
+FILE_FORMATS = ("npz", "tfrecord")
+
+
+def save_instances(
+    directory: str | os.PathLike,
+    values: Sequence,
+    features: Sequence,
+    *,
+    file_format: str = "npz",
+    instances_per_file: int = 256,
+) -> list[str]:
+    """Writes instances to files, for `instances_from_files`.
+
+    Two formats:
+
+    * `"npz"` (the default): one file per instance, `instance_000000.npz`, ..., with arrays
+      `A` `[n]` and `B` `[n, M]` in their own dtypes. Easy to write from any tool (numpy's
+      `np.savez`), but each file is read by Python.
+    * `"tfrecord"`: shards `instances_000000.tfrecord`, ... of `instances_per_file`
+      instances each; a record is a `tf.train.Example` with the serialized tensors `A` and `B`
+      and their dtype. TensorFlow reads and parses them without Python, which streams several
+      times faster than `.npz` files (see the guide "Large data and several machines"). All
+      instances are written in one dtype: float32 where every array is float32 (or
+      narrower), float64 otherwise.
 
     Args:
         directory: where to write (created if missing).
         values: one array `A` `[n_i]` per instance.
         features: one array `B` `[n_i, M]` per instance, in the same order.
+        file_format: `"npz"` or `"tfrecord"`.
+        instances_per_file: instances per TFRecord shard (ignored for `.npz`).
 
     Returns:
-        The paths written, `instance_000000.npz`, ... in the order given.
+        The paths written, in the order of the instances they hold.
 
     Raises:
-        ValueError: `values` and `features` differ in length, or an instance's arrays do not
-            have the shapes `[n]` and `[n, M]` with one `M` for all.
+        ValueError: `values` and `features` differ in length, an instance's arrays do not
+            have the shapes `[n]` and `[n, M]` with one `M` for all, an unknown `file_format`,
+            or `instances_per_file` not a positive int.
+        TypeError: with `"tfrecord"`, an array that is not numeric.
     """
+    if file_format not in FILE_FORMATS:
+        raise ValueError(
+            f"`file_format` must be one of {FILE_FORMATS}. Received: file_format={file_format!r}"
+        )
+    instances_per_file = _positive_int(instances_per_file, "instances_per_file")
     if len(values) != len(features):
         raise ValueError(
             "`values` and `features` must hold the same number of instances. Received: "
             f"{len(values)} and {len(features)}"
         )
-    os.makedirs(directory, exist_ok=True)
-    paths = []
+    pairs = []
     num_features = None
     for index, (a, b) in enumerate(zip(values, features, strict=True)):
         a, b = np.asarray(a), np.asarray(b)
@@ -160,33 +191,99 @@ def save_instances(directory: str | os.PathLike, values: Sequence, features: Seq
                 f"Instance {index} has M={b.shape[1]} features, the ones before {num_features}"
             )
         num_features = b.shape[1]
-        path = os.path.join(os.fspath(directory), f"instance_{index:06d}.npz")
+        pairs.append((a, b))
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    if file_format == "tfrecord":
+        return _write_tfrecords(directory, pairs, instances_per_file)
+    paths = []
+    for index, (a, b) in enumerate(pairs):
+        path = os.path.join(directory, f"instance_{index:06d}.npz")
         np.savez(path, A=a, B=b)
         paths.append(path)
     return paths
 
 
-def _npz_paths(files) -> list[str]:
+def _record_dtype(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.dtype:
+    """float32 where every array is float32 or narrower, float64 otherwise."""
+    for index, pair in enumerate(pairs):
+        for name, array in zip("AB", pair, strict=True):
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                raise TypeError(
+                    f"Instance {index}: {name} must be numeric. Received: dtype {array.dtype}"
+                )
+    narrow = all(
+        np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize <= 4
+        for pair in pairs
+        for array in pair
+    )
+    return np.dtype("float32" if narrow else "float64")
+
+
+def _bytes_feature(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _write_tfrecords(directory: str, pairs: list, instances_per_file: int) -> list[str]:
+    """TFRecord shards of `instances_per_file` instances each (see `save_instances`)."""
+    dtype = _record_dtype(pairs)
+    paths = []
+    for shard, start in enumerate(range(0, len(pairs), instances_per_file)):
+        path = os.path.join(directory, f"instances_{shard:06d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for a, b in pairs[start : start + instances_per_file]:
+                feature = {
+                    name: _bytes_feature(tf.io.serialize_tensor(array.astype(dtype)).numpy())
+                    for name, array in (("A", a), ("B", b))
+                }
+                feature["dtype"] = _bytes_feature(dtype.name.encode())
+                example = tf.train.Example(features=tf.train.Features(feature=feature))
+                writer.write(example.SerializeToString())
+        paths.append(path)
+    return paths
+
+
+def _format_of(path: str) -> str | None:
+    """ "npz" or "tfrecord" from a file's name, None for other files."""
+    for file_format in FILE_FORMATS:
+        if path.endswith("." + file_format):
+            return file_format
+    return None
+
+
+def _instance_paths(files) -> tuple[list[str], str]:
+    """The paths of `files` (a directory or a list) and their format, "npz" or "tfrecord"."""
     if isinstance(files, str | os.PathLike):
         directory = os.fspath(files)
         if not os.path.isdir(directory):
             raise ValueError(
-                f"`files` must be a directory of .npz files or a list of them. Received: "
-                f"{directory!r}, which is not a directory"
+                "`files` must be a directory of .npz or .tfrecord files or a list of them. "
+                f"Received: {directory!r}, which is not a directory"
             )
-        paths = sorted(
-            os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".npz")
-        )
+        paths = [
+            os.path.join(directory, name)
+            for name in sorted(os.listdir(directory))
+            if _format_of(name)
+        ]
         if not paths:
-            raise ValueError(f"No .npz files in `files`={directory!r}")
-        return paths
-    paths = [os.fspath(path) for path in files]
-    if not paths:
-        raise ValueError("`files` is empty")
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if len(missing):
-        raise ValueError(f"`files` names files that do not exist: {missing[:3]}")
-    return paths
+            raise ValueError(f"No .npz or .tfrecord files in `files`={directory!r}")
+    else:
+        paths = [os.fspath(path) for path in files]
+        if not paths:
+            raise ValueError("`files` is empty")
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"`files` names files that do not exist: {missing[:3]}")
+        unknown = [path for path in paths if not _format_of(path)]
+        if unknown:
+            raise ValueError(f"`files` must be .npz or .tfrecord files. Received: {unknown[:3]}")
+    formats = sorted({_format_of(path) for path in paths})
+    if len(formats) > 1:
+        raise ValueError(
+            "`files` mixes .npz and .tfrecord files: read each format with its own call. "
+            f"Received: {len(paths)} files, {paths[0]!r}, ..."
+        )
+    return paths, formats[0]
 
 
 def instances_from_files(
@@ -201,44 +298,73 @@ def instances_from_files(
     seed: int | None = None,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Padded batches of instances read from one `.npz` file per instance.
+    """Padded batches of instances read from files: one `.npz` file per instance, or TFRecord
+    shards of many instances (both written by `save_instances`).
 
-    Each file holds the instance's values (`values_key`, `[n]`) and features
-    (`features_key`, `[n, M]`). Files are read when their batch is needed, so memory holds
-    only the batches in flight, whatever the number of files. Under
+    Each `.npz` file holds the instance's values (`values_key`, `[n]`) and features
+    (`features_key`, `[n, M]`); each TFRecord record is a `tf.train.Example` whose bytes
+    features `values_key` and `features_key` hold the serialized tensors and `"dtype"` their
+    dtype. Files are read when their batch is needed, so memory holds only the batches in
+    flight, whatever the number of files. TFRecord shards are read and parsed by TensorFlow
+    without Python: several times faster than `.npz` files. Under
     `tf.distribute.MultiWorkerMirroredStrategy` the dataset can be sharded by file.
 
     Args:
-        files: a directory (its `*.npz` files, in name order) or a list of paths.
+        files: a directory (its `*.npz` or `*.tfrecord` files, in name order) or a list of
+            paths, all of one format.
         batch_size: instances per batch.
-        values_key: the name of `A` in each file.
-        features_key: the name of `B` in each file.
+        values_key: the name of `A` in each file or record.
+        features_key: the name of `B` in each file or record.
         dtype: floating-point dtype of the batches.
         pad_to: see `padded_instances`.
-        shuffle: shuffle the order of the files (again on each epoch).
+        shuffle: shuffle the order of the files (again on each epoch); the instances of a
+            TFRecord shard stay together, in order, so write small shards for a finer shuffle.
         seed: the shuffle's seed.
         drop_remainder: see `padded_instances`.
 
     Returns:
-        A dataset of `(A [batch, n], B [batch, n, M])` (see `padded_instances`).
+        A dataset of `(A [batch, n], B [batch, n, M])` (see `padded_instances`). From
+        TFRecord shards its number of batches is known only once it has been read through
+        (counting the records would read every shard first): Keras's `fit` then warns once,
+        at the end of the first epoch, "Your input ran out of data", and trains on.
 
     Raises:
-        ValueError: no files, a path that does not exist, or a first file without the keys or
-            shapes described above (later files are checked as they are read: an error at
-            that point of `fit`).
+        ValueError: no files, a path that does not exist, files of both formats, or a first
+            file (or first record) without the keys or shapes described above. Later files
+            and records are checked as they are read: an error at that point of `fit` (an
+            `InvalidArgumentError` from TFRecord shards) that names the file.
     """
-    paths = _npz_paths(files)
+    paths, file_format = _instance_paths(files)
     dtype = _check_dtype(dtype)
-    with np.load(paths[0]) as first:
+    if file_format == "npz":
+        read = _npz_reader(paths[0], values_key, features_key, dtype)
+    else:
+        read = _tfrecord_reader(paths[0], values_key, features_key, dtype)
+    dataset = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle:
+        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if file_format == "tfrecord":
+        # One shard after another (in the order written), each record with its file's name.
+        dataset = dataset.interleave(
+            lambda path: tf.data.TFRecordDataset(path).map(lambda record: (path, record)),
+            cycle_length=1,
+        )
+    dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return padded_instances(dataset, batch_size, pad_to=pad_to, drop_remainder=drop_remainder)
+
+
+def _npz_reader(first_path: str, values_key: str, features_key: str, dtype: tf.DType):
+    """`read(path)`: an instance's `(A, B)` from its `.npz` file (checked on the first)."""
+    with np.load(first_path) as first:
         for key in (values_key, features_key):
             if key not in first:
                 raise ValueError(
-                    f"{paths[0]!r} has no array {key!r} (its arrays: {sorted(first.files)}); "
+                    f"{first_path!r} has no array {key!r} (its arrays: {sorted(first.files)}); "
                     "set `values_key` / `features_key`"
                 )
         num_features = first[features_key].shape[-1] if first[features_key].ndim == 2 else None
     if num_features is None:
-        raise ValueError(f"{paths[0]!r}: {features_key!r} must be [n, M]")
+        raise ValueError(f"{first_path!r}: {features_key!r} must be [n, M]")
     numpy_dtype = dtype.as_numpy_dtype
 
     def load(path):
@@ -259,11 +385,85 @@ def instances_from_files(
         b.set_shape([None, num_features])
         return a, b
 
-    dataset = tf.data.Dataset.from_tensor_slices(paths)
-    if shuffle:
-        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return padded_instances(dataset, batch_size, pad_to=pad_to, drop_remainder=drop_remainder)
+    return read
+
+
+def _tfrecord_reader(first_path: str, values_key: str, features_key: str, dtype: tf.DType):
+    """`read(path, record)`: an instance's `(A, B)` from a TFRecord record, in TensorFlow ops
+    (checked eagerly on the first record; a later broken record is an
+    `InvalidArgumentError` that names its file)."""
+    record = next(iter(tf.data.TFRecordDataset(first_path).take(1)), None)
+    if record is None:
+        raise ValueError(f"{first_path!r} holds no record")
+    try:
+        example = tf.train.Example.FromString(record.numpy())
+    except Exception:  # protobuf's DecodeError is not public
+        raise ValueError(f"{first_path!r}: its records are not tf.train.Example") from None
+    stored = example.features.feature
+    for key in (values_key, features_key, "dtype"):
+        if key not in stored or not stored[key].bytes_list.value:
+            raise ValueError(
+                f"{first_path!r}: the first record has no bytes feature {key!r} (its "
+                f"features: {sorted(stored)}); write the files with `save_instances` or set "
+                "`values_key` / `features_key`"
+            )
+    stored_dtype = tf.as_dtype(stored["dtype"].bytes_list.value[0].decode())
+    if not stored_dtype.is_floating:
+        raise ValueError(f"{first_path!r}: the stored dtype must be floating, not {stored_dtype}")
+    shapes = [
+        tf.io.parse_tensor(stored[key].bytes_list.value[0], stored_dtype).shape
+        for key in (values_key, features_key)
+    ]
+    if shapes[0].rank != 1 or shapes[1].rank != 2 or shapes[1][0] != shapes[0][0]:
+        raise ValueError(
+            f"{first_path!r}: {values_key!r} must be [n] and {features_key!r} [n, M]. "
+            f"Received: {shapes[0]} and {shapes[1]}"
+        )
+    num_features = shapes[1][1]
+    spec = {
+        key: tf.io.FixedLenFeature([], tf.string, default_value="")
+        for key in (values_key, features_key, "dtype")
+    }
+
+    def read(path, record):
+        parsed = tf.io.parse_single_example(record, spec)
+        same_dtype = tf.debugging.Assert(
+            tf.equal(parsed["dtype"], stored_dtype.name),
+            [
+                f"A record's dtype differs from the first record's ({stored_dtype.name}), or it "
+                f"lacks {values_key!r} / {features_key!r} / 'dtype'. File:",
+                path,
+                "dtype:",
+                parsed["dtype"],
+            ],
+        )
+        with tf.control_dependencies([same_dtype]):
+            a = tf.io.parse_tensor(parsed[values_key], stored_dtype)
+            b = tf.io.parse_tensor(parsed[features_key], stored_dtype)
+        # The shape of B padded to two entries, so that it compares with [n, M] at any rank.
+        b_shape = tf.concat([tf.shape(b), [-1, -1]], axis=0)[:2]
+        shapes_agree = tf.debugging.Assert(
+            tf.reduce_all(
+                [
+                    tf.equal(tf.rank(a), 1),
+                    tf.equal(tf.rank(b), 2),
+                    tf.reduce_all(tf.equal(b_shape, tf.stack([tf.size(a), num_features]))),
+                ]
+            ),
+            [
+                f"{values_key!r} must be [n] and {features_key!r} [n, {num_features}]. File:",
+                path,
+                "shapes:",
+                tf.shape(a),
+                tf.shape(b),
+            ],
+        )
+        with tf.control_dependencies([shapes_agree]):
+            a = tf.cast(tf.reshape(a, [-1]), dtype)
+            b = tf.cast(tf.reshape(b, [-1, num_features]), dtype)
+        return a, b
+
+    return read
 
 
 def _csv_instances(

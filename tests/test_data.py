@@ -1,6 +1,6 @@
 """Streamed instances (`keras_softquantile.data`): padded batches that hold exactly the
-instances written, from `.npz` files and from a long CSV table, and a model trained on them
-that ends where the same batches in memory take it."""
+instances written, from `.npz` files, TFRecord shards and a long CSV table, and a model trained
+on them that ends where the same batches in memory take it."""
 
 import csv
 
@@ -44,11 +44,31 @@ def write_csv(path, values, features, order):
                 writer.writerow([f"d{i}", repr(float(value)), *map(float, row)])
 
 
+FORMATS = pytest.mark.parametrize("file_format", ["npz", "tfrecord"])
+
+
+def write_record(path, arrays: dict, dtype="float32"):
+    """One TFRecord file of one record: `arrays` serialized, with a "dtype" feature."""
+
+    def feature(value: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    features = {k: feature(tf.io.serialize_tensor(v).numpy()) for k, v in arrays.items()}
+    features["dtype"] = feature(dtype.encode())
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        example = tf.train.Example(features=tf.train.Features(feature=features))
+        writer.write(example.SerializeToString())
+
+
 class TestFromFiles:
-    def test_batches_hold_the_instances_padded_with_nan(self, tmp_path):
+    @FORMATS
+    def test_batches_hold_the_instances_padded_with_nan(self, tmp_path, file_format):
         values, features = ragged_instances(7)
-        paths = data.save_instances(tmp_path, values, features)
-        assert len(paths) == 7
+        paths = data.save_instances(
+            tmp_path, values, features, file_format=file_format, instances_per_file=3
+        )
+        assert len(paths) == (7 if file_format == "npz" else 3)
+        assert all(path.endswith("." + file_format) for path in paths)
         got = batches(data.instances_from_files(tmp_path, batch_size=3))
         assert [a.shape[0] for a, _ in got] == [3, 3, 1]
         for start, (a, b) in zip((0, 3, 6), got, strict=True):
@@ -59,9 +79,10 @@ class TestFromFiles:
                 assert np.isnan(a[row, n:]).all() and (b[row, n:] == 0).all()
             assert a.shape[1] == max(len(values[start + r]) for r in range(a.shape[0]))
 
-    def test_pad_to_gives_a_static_length_and_refuses_longer_instances(self, tmp_path):
+    @FORMATS
+    def test_pad_to_gives_a_static_length_and_refuses_longer_instances(self, tmp_path, file_format):
         values, features = ragged_instances(4)
-        data.save_instances(tmp_path, values, features)
+        data.save_instances(tmp_path, values, features, file_format=file_format)
         dataset = data.instances_from_files(tmp_path, batch_size=2, pad_to=40)
         assert dataset.element_spec[0].shape.as_list() == [None, 40]
         assert dataset.element_spec[1].shape.as_list() == [None, 40, M]
@@ -70,9 +91,12 @@ class TestFromFiles:
         with pytest.raises(tf.errors.InvalidArgumentError, match="more entries than pad_to=5"):
             batches(too_short)
 
-    def test_shuffle_reorders_the_files_reproducibly(self, tmp_path):
+    @FORMATS
+    def test_shuffle_reorders_the_files_reproducibly(self, tmp_path, file_format):
         values, features = ragged_instances(8)
-        data.save_instances(tmp_path, values, features)
+        data.save_instances(
+            tmp_path, values, features, file_format=file_format, instances_per_file=1
+        )
 
         def firsts(seed):
             dataset = data.instances_from_files(tmp_path, 1, shuffle=True, seed=seed)
@@ -82,11 +106,74 @@ class TestFromFiles:
         assert sorted(firsts(3)) == sorted(float(v[0]) for v in values)
         assert firsts(3) != [float(v[0]) for v in values]
 
-    def test_float64_batches(self, tmp_path):
+    @FORMATS
+    def test_float64_batches(self, tmp_path, file_format):
         values, features = ragged_instances(2)
-        data.save_instances(tmp_path, values, features)
+        data.save_instances(tmp_path, values, features, file_format=file_format)
         a, b = next(iter(data.instances_from_files(tmp_path, 2, dtype="float64")))
         assert a.dtype == tf.float64 and b.dtype == tf.float64
+        np.testing.assert_array_equal(a.numpy()[0, : len(values[0])], values[0])
+
+    def test_tfrecords_keep_float64_and_cast_when_read(self, tmp_path):
+        rng = np.random.default_rng(1)
+        values = [rng.standard_normal(5) * (1 + 1e-12)]  # float64: digits float32 drops
+        features = [rng.standard_normal((5, M))]
+        data.save_instances(tmp_path, values, features, file_format="tfrecord")
+        a, b = next(iter(data.instances_from_files(tmp_path, 1, dtype="float64")))
+        np.testing.assert_array_equal(a.numpy()[0], values[0])
+        np.testing.assert_array_equal(b.numpy()[0], features[0])
+        a, _ = next(iter(data.instances_from_files(tmp_path, 1)))
+        assert a.dtype == tf.float32
+        np.testing.assert_array_equal(a.numpy()[0], values[0].astype("float32"))
+
+    def test_a_broken_record_is_an_error_that_names_its_file(self, tmp_path):
+        values, features = ragged_instances(2)
+        data.save_instances(tmp_path, values, features, file_format="tfrecord")
+        write_record(
+            tmp_path / "z_wrong_m.tfrecord",
+            {"A": np.ones(4, "float32"), "B": np.ones((4, 2), "float32")},
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"z_wrong_m\.tfrecord"):
+            batches(data.instances_from_files(tmp_path, 2))
+        (tmp_path / "z_wrong_m.tfrecord").unlink()
+        write_record(
+            tmp_path / "z_n.tfrecord", {"A": np.ones(4, "float32"), "B": np.ones((5, M), "float32")}
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"must be \[n\][\s\S]*z_n"):
+            batches(data.instances_from_files(tmp_path, 2))
+        (tmp_path / "z_n.tfrecord").unlink()
+        wide = {"A": np.ones(4), "B": np.ones((4, M))}
+        write_record(tmp_path / "z_dtype.tfrecord", wide, dtype="float64")
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"dtype differs[\s\S]*z_dtype"):
+            batches(data.instances_from_files(tmp_path, 2))
+
+    def test_tfrecord_arguments_and_first_records_are_checked(self, tmp_path):
+        values, features = ragged_instances(2)
+        with pytest.raises(ValueError, match="file_format"):
+            data.save_instances(tmp_path, values, features, file_format="csv")
+        with pytest.raises(ValueError, match="instances_per_file"):
+            data.save_instances(tmp_path, values, features, instances_per_file=0)
+        with pytest.raises(TypeError, match="Instance 0: A must be numeric"):
+            data.save_instances(
+                tmp_path, [np.array(["a"] * 3)], [np.ones((3, M))], file_format="tfrecord"
+            )
+        paths = data.save_instances(tmp_path / "records", values, features, file_format="tfrecord")
+        with pytest.raises(ValueError, match="values_key"):
+            data.instances_from_files(paths, 2, values_key="returns")
+        data.save_instances(tmp_path / "records", values, features)  # .npz next to them
+        with pytest.raises(ValueError, match=r"mixes \.npz and \.tfrecord"):
+            data.instances_from_files(tmp_path / "records", 2)
+        (tmp_path / "notes.txt").write_text("")
+        with pytest.raises(ValueError, match=r"must be \.npz or \.tfrecord files"):
+            data.instances_from_files([str(tmp_path / "notes.txt")], 2)
+        (tmp_path / "empty.tfrecord").write_bytes(b"")
+        with pytest.raises(ValueError, match="holds no record"):
+            data.instances_from_files([str(tmp_path / "empty.tfrecord")], 2)
+        write_record(
+            tmp_path / "flat.tfrecord", {"A": np.ones(4, "float32"), "B": np.ones(4, "float32")}
+        )
+        with pytest.raises(ValueError, match=r"must be \[n\]"):
+            data.instances_from_files([str(tmp_path / "flat.tfrecord")], 2)
 
     def test_bad_arguments_are_named(self, tmp_path):
         values, features = ragged_instances(2)
@@ -105,7 +192,7 @@ class TestFromFiles:
             data.instances_from_files(tmp_path / "missing", batch_size=2)
         with pytest.raises(ValueError, match="do not exist"):
             data.instances_from_files([str(tmp_path / "missing.npz")], batch_size=2)
-        with pytest.raises(ValueError, match=r"No \.npz files"):
+        with pytest.raises(ValueError, match=r"No \.npz or \.tfrecord files"):
             (tmp_path / "empty").mkdir()
             data.instances_from_files(tmp_path / "empty", batch_size=2)
         with pytest.raises(ValueError, match="same number of instances"):
@@ -206,11 +293,12 @@ class TestFromColumns:
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_streamed_files_ends_at_the_in_memory_theta(tmp_path):
+@FORMATS
+def test_a_model_trained_on_streamed_files_ends_at_the_in_memory_theta(tmp_path, file_format):
     """Same batches, same order: streaming from disk changes nothing but where they come from."""
     values, features = ragged_instances(12)
     length = max(map(len, values))
-    data.save_instances(tmp_path, values, features)
+    data.save_instances(tmp_path, values, features, file_format=file_format, instances_per_file=5)
     A, B = padded_arrays(values, features, length)
 
     initial = []
