@@ -47,17 +47,14 @@ def write_csv(path, values, features, order):
 FORMATS = pytest.mark.parametrize("file_format", ["npz", "tfrecord"])
 
 
-def write_record(path, arrays: dict, dtype="float32"):
-    """One TFRecord file of one record: `arrays` serialized, with a "dtype" feature."""
-
-    def feature(value: bytes):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    features = {k: feature(tf.io.serialize_tensor(v).numpy()) for k, v in arrays.items()}
-    features["dtype"] = feature(dtype.encode())
+def write_record(path, a, b, n=None, mark=data.RECORD_MARK):
+    """One TFRecord file of one record in `save_instances`' layout (`n` and `mark` to break
+    it), in the dtype of `b`."""
+    record = np.zeros((len(a) + 1, b.shape[1] + 1), b.dtype)
+    record[0, :2] = mark, len(a) if n is None else n
+    record[1:, 0], record[1:, 1:] = a, b
     with tf.io.TFRecordWriter(str(path)) as writer:
-        example = tf.train.Example(features=tf.train.Features(feature=features))
-        writer.write(example.SerializeToString())
+        writer.write(record.tobytes())
 
 
 class TestFromFiles:
@@ -126,26 +123,32 @@ class TestFromFiles:
         assert a.dtype == tf.float32
         np.testing.assert_array_equal(a.numpy()[0], values[0].astype("float32"))
 
-    def test_a_broken_record_is_an_error_that_names_its_file(self, tmp_path):
+    @pytest.mark.parametrize(
+        "broken",
+        [
+            dict(a=np.ones(4, "float32"), b=np.ones((4, 2), "float32")),  # another M
+            dict(a=np.ones(4, "float32"), b=np.ones((4, M), "float32"), n=5),  # a wrong n
+            dict(a=np.ones(4), b=np.ones((4, M))),  # float64 after float32
+            dict(a=np.ones(4, "float32"), b=np.ones((4, M), "float32"), mark=1.0),  # no mark
+        ],
+    )
+    def test_a_broken_record_is_an_error_that_names_its_file(self, tmp_path, broken):
         values, features = ragged_instances(2)
         data.save_instances(tmp_path, values, features, file_format="tfrecord")
-        write_record(
-            tmp_path / "z_wrong_m.tfrecord",
-            {"A": np.ones(4, "float32"), "B": np.ones((4, 2), "float32")},
-        )
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"z_wrong_m\.tfrecord"):
-            batches(data.instances_from_files(tmp_path, 2))
-        (tmp_path / "z_wrong_m.tfrecord").unlink()
-        write_record(
-            tmp_path / "z_n.tfrecord", {"A": np.ones(4, "float32"), "B": np.ones((5, M), "float32")}
-        )
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"must be \[n\][\s\S]*z_n"):
-            batches(data.instances_from_files(tmp_path, 2))
-        (tmp_path / "z_n.tfrecord").unlink()
-        wide = {"A": np.ones(4), "B": np.ones((4, M))}
-        write_record(tmp_path / "z_dtype.tfrecord", wide, dtype="float64")
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"dtype differs[\s\S]*z_dtype"):
-            batches(data.instances_from_files(tmp_path, 2))
+        write_record(tmp_path / "z_broken.tfrecord", **broken)
+        dataset = data.instances_from_files(tmp_path, 2)
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match=r"not a float32 instance with M=3[\s\S]*z_broken"
+        ):
+            batches(dataset)
+
+    def test_records_in_float64_and_of_one_feature(self, tmp_path):
+        rng = np.random.default_rng(2)
+        values, features = [rng.standard_normal(6)], [rng.standard_normal((6, 1))]
+        write_record(tmp_path / "one.tfrecord", values[0], features[0])
+        a, b = next(iter(data.instances_from_files(tmp_path, 1, dtype="float64")))
+        np.testing.assert_array_equal(a.numpy()[0], values[0])
+        np.testing.assert_array_equal(b.numpy()[0], features[0])
 
     def test_tfrecord_arguments_and_first_records_are_checked(self, tmp_path):
         values, features = ragged_instances(2)
@@ -157,9 +160,7 @@ class TestFromFiles:
             data.save_instances(
                 tmp_path, [np.array(["a"] * 3)], [np.ones((3, M))], file_format="tfrecord"
             )
-        paths = data.save_instances(tmp_path / "records", values, features, file_format="tfrecord")
-        with pytest.raises(ValueError, match="values_key"):
-            data.instances_from_files(paths, 2, values_key="returns")
+        data.save_instances(tmp_path / "records", values, features, file_format="tfrecord")
         data.save_instances(tmp_path / "records", values, features)  # .npz next to them
         with pytest.raises(ValueError, match=r"mixes \.npz and \.tfrecord"):
             data.instances_from_files(tmp_path / "records", 2)
@@ -169,36 +170,16 @@ class TestFromFiles:
         (tmp_path / "empty.tfrecord").write_bytes(b"")
         with pytest.raises(ValueError, match="holds no record"):
             data.instances_from_files([str(tmp_path / "empty.tfrecord")], 2)
-        write_record(
-            tmp_path / "flat.tfrecord", {"A": np.ones(4, "float32"), "B": np.ones(4, "float32")}
-        )
-        with pytest.raises(ValueError, match=r"must be \[n\]"):
-            data.instances_from_files([str(tmp_path / "flat.tfrecord")], 2)
-
-    def test_bad_arguments_are_named(self, tmp_path):
-        values, features = ragged_instances(2)
-        data.save_instances(tmp_path, values, features)
-        with pytest.raises(ValueError, match="batch_size"):
-            data.instances_from_files(tmp_path, batch_size=0)
-        with pytest.raises(TypeError, match="batch_size"):
-            data.instances_from_files(tmp_path, batch_size=2.0)
-        with pytest.raises(ValueError, match="pad_to"):
-            data.instances_from_files(tmp_path, batch_size=2, pad_to=-1)
-        with pytest.raises(TypeError, match="dtype"):
-            data.instances_from_files(tmp_path, batch_size=2, dtype="int32")
-        with pytest.raises(ValueError, match="values_key"):
-            data.instances_from_files(tmp_path, batch_size=2, values_key="returns")
-        with pytest.raises(ValueError, match="not a directory"):
-            data.instances_from_files(tmp_path / "missing", batch_size=2)
-        with pytest.raises(ValueError, match="do not exist"):
-            data.instances_from_files([str(tmp_path / "missing.npz")], batch_size=2)
-        with pytest.raises(ValueError, match=r"No \.npz or \.tfrecord files"):
-            (tmp_path / "empty").mkdir()
-            data.instances_from_files(tmp_path / "empty", batch_size=2)
-        with pytest.raises(ValueError, match="same number of instances"):
-            data.save_instances(tmp_path, values, features[:1])
-        with pytest.raises(ValueError, match=r"Instance 0: A must be \[n\]"):
-            data.save_instances(tmp_path, [values[0]], [features[1]])
+        for name, record in (
+            (
+                "other.tfrecord",
+                dict(a=np.ones(4, "float32"), b=np.ones((4, M), "float32"), mark=3.0),
+            ),
+            ("short.tfrecord", dict(a=np.ones(4, "float32"), b=np.ones((4, M), "float32"), n=6)),
+        ):
+            write_record(tmp_path / name, **record)
+            with pytest.raises(ValueError, match="not an instance written by `save_instances"):
+                data.instances_from_files([str(tmp_path / name)], 2)
 
 
 class TestFromCsv:
