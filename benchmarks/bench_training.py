@@ -3,18 +3,20 @@ against the same scorer trained with mean squared error.
 
 For each n (entries per instance) it generates a panel of instances with M features, and
 measures steady-state instances per second (epochs after the first, which traces and
-compiles, median over `--epochs - 1` epochs) of:
+compiles, median over `--epochs - 1` epochs; the median of `--rounds` fits of each
+configuration, taken in turn) of:
   * "MSE": a `keras.Sequential` with one bias-free `Dense(1)` on `B` (the linear scorer
     `C = B @ theta`), `fit` with mean squared error against `A`: the cost of a training step
     without the soft selection;
   * "in memory": `QuantileObjectiveModel("spread")`, `fit(x=(A, B))` as Keras compiles it
     by default (on CPU-only TensorFlow: a graph without XLA);
   * "in memory, XLA": the same with `compile(jit_compile=True)` (XLA on TensorFlow);
-  * "streamed": the same model on `ksq.data.instances_from_files` over one `.npz` file per
-    instance (written to a temporary directory first, not timed), padded to n.
-Each row also gives the peak resident memory of a fresh process that streams the panel, for
-the panel and for one `--scale` times larger (more instances of the same n): streaming holds
-the batches in flight, so the two should be close.
+  * "streamed": the same model on `ksq.data.instances_from_files`, padded to n, over the
+    panel written to a temporary directory first (not timed): one `.npz` file per instance,
+    and TFRecord shards of 256 instances (`save_instances(file_format="tfrecord")`).
+Each row also gives the peak resident memory of a fresh process that streams the panel from
+TFRecord shards, for the panel and for one `--scale` times larger (more instances of the same
+n): streaming holds the batches in flight, so the two should be close.
 
 Usage:
     python benchmarks/bench_training.py                      # n in 200 2000 20000
@@ -58,7 +60,9 @@ def throughput(fit, instances: int, epochs: int) -> float:
     return timer.steady_state(instances)
 
 
-def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str) -> dict:
+def measure(
+    n: int, instances: int, batch_size: int, epochs: int, rounds: int, directory: str
+) -> dict:
     A, B = panel(instances, n)
 
     def mse(timer, epochs):
@@ -83,12 +87,17 @@ def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str
     def in_memory_xla(timer, epochs):
         in_memory(timer, epochs, jit_compile=True)
 
-    files = os.path.join(directory, f"n{n}")
-    ksq.data.save_instances(files, list(A), list(B))
+    files = {}
+    for file_format in ksq.data.FILE_FORMATS:
+        files[file_format] = os.path.join(directory, f"n{n}_{file_format}")
+        ksq.data.save_instances(files[file_format], list(A), list(B), file_format=file_format)
 
-    def streamed(timer, epochs):
-        dataset = ksq.data.instances_from_files(files, batch_size=batch_size, pad_to=n)
+    def streamed(timer, epochs, file_format="npz"):
+        dataset = ksq.data.instances_from_files(files[file_format], batch_size=batch_size, pad_to=n)
         objective_model().fit(dataset, epochs=epochs, verbose=0, callbacks=[timer])
+
+    def streamed_tfrecord(timer, epochs):
+        streamed(timer, epochs, file_format="tfrecord")
 
     row = {"n": n, "instances": instances}
     fits = (
@@ -96,9 +105,15 @@ def measure(n: int, instances: int, batch_size: int, epochs: int, directory: str
         ("in_memory", in_memory),
         ("in_memory_xla", in_memory_xla),
         ("streamed", streamed),
+        ("streamed_tfrecord", streamed_tfrecord),
     )
-    for name, fit in fits:
-        row[name] = throughput(fit, instances, epochs)
+    # Round-robin over the configurations, so that a slow spell of a shared machine falls on
+    # all of them; each figure is the median over the rounds.
+    measured = {name: [] for name, _ in fits}
+    for _ in range(rounds):
+        for name, fit in fits:
+            measured[name].append(throughput(fit, instances, epochs))
+    row.update({name: float(np.median(values)) for name, values in measured.items()})
     return row
 
 
@@ -119,42 +134,55 @@ def peak_memory_mb(n: int, instances: int, batch_size: int, directory: str) -> f
 def probe(spec: dict) -> None:
     files = os.path.join(spec["directory"], f"probe_{spec['n']}_{spec['instances']}")
     rng = np.random.default_rng(0)
-    for start in range(0, spec["instances"], 64):  # written in chunks: memory stays bounded
-        count = min(64, spec["instances"] - start)
+    paths = []
+    for start in range(0, spec["instances"], 256):  # written in chunks: memory stays bounded
+        count = min(256, spec["instances"] - start)
         B = rng.standard_normal((count, spec["n"], M)).astype("float32")
         A = (B[..., 0] + rng.standard_normal((count, spec["n"]))).astype("float32")
-        for i in range(count):
-            path = os.path.join(files, f"instance_{start + i:06d}.npz")
-            os.makedirs(files, exist_ok=True)
-            np.savez(path, A=A[i], B=B[i])
+        chunk = os.path.join(files, f"chunk_{start:08d}")
+        paths += ksq.data.save_instances(chunk, list(A), list(B), file_format="tfrecord")
+        del A, B
     model = ksq.QuantileObjectiveModel("spread", num_features=M, epsilon=1e-2)
     model.compile(optimizer=keras.optimizers.Adam(0.01))
-    dataset = ksq.data.instances_from_files(files, batch_size=spec["batch_size"], pad_to=spec["n"])
+    dataset = ksq.data.instances_from_files(paths, batch_size=spec["batch_size"], pad_to=spec["n"])
     model.fit(dataset, epochs=1, verbose=0)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": peak_kb / 1024}))
+    print(json.dumps({"peak_mb": peak_resident_mb()}))
 
 
-def format_table(rows: list[dict], scale: int) -> str:
+def peak_resident_mb() -> float:
+    """This process's peak resident memory. `getrusage`'s `ru_maxrss` would not do: it is kept
+    across `fork` and `exec`, so a probe would report its parent's size when that is larger
+    (earlier versions of this benchmark published the parent's). `VmHWM` belongs to the
+    process's own memory map."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
+def format_table(rows: list[dict], scale: int, rounds: int) -> str:
     lines = [
         "| n | instances | MSE (inst/s) | in memory (inst/s) | in memory, XLA (inst/s) "
-        "| streamed (inst/s) | in memory / MSE | in memory, XLA / MSE | streamed / in memory "
+        "| streamed .npz (inst/s) | streamed TFRecord (inst/s) | in memory / MSE "
+        "| in memory, XLA / MSE | streamed .npz / in memory | streamed TFRecord / in memory "
         f"| peak MiB streamed: 1x / {scale}x instances |",
-        "|---" * 10 + "|",
+        "|---" * 12 + "|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['instances']} | {r['mse']:.0f} | {r['in_memory']:.0f} "
-            f"| {r['in_memory_xla']:.0f} | {r['streamed']:.0f} | {r['in_memory'] / r['mse']:.2f}x "
-            f"| {r['in_memory_xla'] / r['mse']:.2f}x "
+            f"| {r['in_memory_xla']:.0f} | {r['streamed']:.0f} | {r['streamed_tfrecord']:.0f} "
+            f"| {r['in_memory'] / r['mse']:.2f}x | {r['in_memory_xla'] / r['mse']:.2f}x "
             f"| {r['streamed'] / r['in_memory']:.2f}x "
+            f"| {r['streamed_tfrecord'] / r['in_memory']:.2f}x "
             f"| {r['peak_mb']:.0f} / {r['peak_mb_scaled']:.0f} |"
         )
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Keras backend {keras.backend.backend()} ({backend_versions()}), float32, M={M}"
     )
-    return "\n".join(lines) + f"\n\nMachine: {machine}. Steady-state medians.\n"
+    return "\n".join(lines) + f"\n\nMachine: {machine}. Steady-state medians of {rounds} rounds.\n"
 
 
 def main() -> None:
@@ -168,28 +196,36 @@ def main() -> None:
         help="instances per panel (default: 1e6 / n, at least 256)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=11)
     parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fits of each configuration, taken in turn; the table gives their median",
+    )
     parser.add_argument("--output")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe(json.loads(args.probe))
         return
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1. Received: {args.rounds}")
     if args.epochs < 2:
         parser.error(f"--epochs must be at least 2 (the first compiles). Received: {args.epochs}")
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for n in args.sizes:
             instances = args.instances or max(256, 1_000_000 // n)
-            row = measure(n, instances, args.batch_size, args.epochs, directory)
+            row = measure(n, instances, args.batch_size, args.epochs, args.rounds, directory)
             row["peak_mb"] = peak_memory_mb(n, instances, args.batch_size, directory)
             row["peak_mb_scaled"] = peak_memory_mb(
                 n, args.scale * instances, args.batch_size, directory
             )
             rows.append(row)
             print(f"measured n={n}", file=sys.stderr, flush=True)
-    table = format_table(rows, args.scale)
+    table = format_table(rows, args.scale, args.rounds)
     publish(table, args.output)
 
 
