@@ -129,6 +129,8 @@ def padded_instances(
 
 
 FILE_FORMATS = ("npz", "tfrecord")
+"""The file formats of `save_instances` and `instances_from_files`: one `.npz` file per
+instance, or TFRecord shards of many instances."""
 
 
 def save_instances(
@@ -224,9 +226,10 @@ def _record_dtype(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.dtype:
     return np.dtype("float32" if narrow else "float64")
 
 
-# The first value of every TFRecord record: it tells the record's dtype (read in the other
-# float width, the record's first value is something else) and marks a record of this layout.
 RECORD_MARK = -1234.5
+"""The first value of every TFRecord record that `save_instances` writes: it marks a record of
+this layout and tells its dtype (read in the other float width, the first value is something
+else)."""
 
 
 def _write_tfrecords(directory: str, pairs: list, instances_per_file: int) -> list[str]:
