@@ -138,13 +138,8 @@ def bucket_masks_by_counting(key, valid, k, count):
     return lower, ops.logical_and(upper, k > 0)
 
 
-def _counted_masks(key, valid, k, count):
-    """`bucket_masks_by_counting`, looked up when traced (tests replace it)."""
-    return bucket_masks_by_counting(key, valid, k, count)
-
-
 # Inside TensorFlow graphs the 33 counting passes run as one XLA cluster (see `_backend`).
-_run_counting = _backend.compiled_stage(_counted_masks)
+_run_counting = _backend.compiled_stage(bucket_masks_by_counting)
 
 
 def _ordered_codes(key):
