@@ -564,6 +564,31 @@ def test_tiny_spread_is_finite_with_exact_masses():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_flushed_exp_is_exp_with_subnormal_results_zero(dtype):
+    # PyTorch's CPU exp returns subnormals (and leaves its fast path for them); TensorFlow's
+    # and XLA's kernels flush them. The memberships must not depend on the backend.
+    from keras_softquantile.ops import _backend
+
+    info = np.finfo(dtype)
+    edge = float(np.log(info.tiny))
+    x = np.array([0.0, -1.0, -50.0, edge + 0.01, edge - 0.01, -200.0, -1e4, -np.inf, np.nan])
+    out = to_numpy(_backend.flushed_exp(tensor(x, dtype))).astype(np.float64)
+    expected = np.exp(x.astype(dtype)).astype(np.float64)
+    expected[(expected < info.tiny) & (expected > 0)] = 0.0
+    np.testing.assert_allclose(out, expected, rtol=4 * float(info.eps), atol=0)
+    assert out[3] >= info.tiny and out[4] == 0.0 and np.isnan(out[-1]), out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memberships_at_tiny_epsilon_have_no_subnormal_entries(dtype, rng):
+    masks = to_numpy(ops.soft_quantile_masks(tensor(normal(rng, (2, 200)), dtype), epsilon=1e-4))
+    tiny = float(np.finfo(dtype).tiny)
+    assert np.all((masks == 0) | (masks >= tiny)), masks[(masks > 0) & (masks < tiny)]
+    assert np.any(masks == 0)  # far entries underflow: the case is exercised
+    np.testing.assert_allclose(masks.sum(-2), [[50, 100, 50]] * 2, rtol=MASS_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 def test_rows_of_the_smallest_normal_scores_are_not_constant(dtype, compiled):
     # Their half-deviations from the median are subnormal, which TensorFlow and XLA flush to

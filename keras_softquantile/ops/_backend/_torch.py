@@ -91,6 +91,22 @@ def accurate_sum(x, axis: int, keepdims: bool = False):
     return torch.sum(x, dim=axis, keepdim=keepdims)
 
 
+# The smallest arguments whose exponential is a normal number (just above log(tiny)). Below
+# them PyTorch's vectorised CPU exp leaves its fast path: on 256 x 1000 float32 entries
+# (2 cores, torch 2.13), 0.1 ms for arguments in [-80, 0], 0.9 ms in [-1e4, -150] and 2.3 ms
+# where the result is subnormal; float64 from -708.4 on, 4-7 ms.
+_NORMAL_EXP_FROM = {torch.float32: -87.336, torch.float64: -708.39}
+
+
+def flushed_exp(x):
+    """`exp(x)` with results below the dtype's smallest normal number flushed to zero, as the
+    CPU kernels of TensorFlow and XLA do; NaN stays NaN."""
+    floor = _NORMAL_EXP_FROM.get(x.dtype)
+    if floor is None:
+        return torch.exp(x)
+    return torch.where(x < floor, 0.0, torch.exp(torch.clamp(x, min=floor)))
+
+
 def float64_available() -> bool:
     return True
 

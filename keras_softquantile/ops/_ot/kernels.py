@@ -45,8 +45,9 @@ def shifted_logits(u: list[Tensor]) -> list[Tensor]:
 
 def softmax_columns(logits: list[Tensor]) -> list[Tensor]:
     """Softmax over m <= 3 columns of shifted logits (one of them zero): m exps, 1 division;
-    every column computed directly, so small memberships keep full relative precision."""
-    exps = [ops.exp(x) for x in logits]
+    every column computed directly, so small memberships keep full relative precision (down
+    to the smallest normal number: subnormal ones are flushed to zero on every backend)."""
+    exps = [_backend.flushed_exp(x) for x in logits]
     inverse = 1 / sum(exps[1:], exps[0])
     return [e * inverse for e in exps]
 
