@@ -142,6 +142,18 @@ class TestFromFiles:
         ):
             batches(dataset)
 
+    def test_a_truncated_record_is_an_error_that_names_its_file(self, tmp_path):
+        values, features = ragged_instances(3)
+        data.save_instances(tmp_path, values, features, file_format="tfrecord")
+        record = np.zeros((5, M + 1), "float32")
+        record[0, :2] = data.RECORD_MARK, 3  # the header of the whole rows left
+        with tf.io.TFRecordWriter(str(tmp_path / "z_cut.tfrecord")) as writer:
+            writer.write(record.tobytes()[:-6])  # 3 rows and a part: not a whole number
+        for pad_to in (None, 40):
+            dataset = data.instances_from_files(tmp_path, 2, pad_to=pad_to)
+            with pytest.raises(tf.errors.InvalidArgumentError, match=r"not a float32[\s\S]*z_cut"):
+                batches(dataset)
+
     def test_records_in_float64_and_of_one_feature(self, tmp_path):
         rng = np.random.default_rng(2)
         values, features = [rng.standard_normal(6)], [rng.standard_normal((6, 1))]
