@@ -154,6 +154,19 @@ class TestFromFiles:
             with pytest.raises(tf.errors.InvalidArgumentError, match=r"not a float32[\s\S]*z_cut"):
                 batches(dataset)
 
+    def test_a_batch_of_empty_records_is_an_error_that_names_its_file(self, tmp_path):
+        values, features = ragged_instances(2)
+        data.save_instances(tmp_path, values, features, file_format="tfrecord")
+        with tf.io.TFRecordWriter(str(tmp_path / "z_empty.tfrecord")) as writer:
+            writer.write(b"")
+            writer.write(b"")
+        for pad_to in (None, 40):
+            dataset = data.instances_from_files(tmp_path, 2, pad_to=pad_to)
+            with pytest.raises(
+                tf.errors.InvalidArgumentError, match=r"not a float32[\s\S]*z_empty"
+            ):
+                batches(dataset)
+
     def test_records_in_float64_and_of_one_feature(self, tmp_path):
         rng = np.random.default_rng(2)
         values, features = [rng.standard_normal(6)], [rng.standard_normal((6, 1))]
