@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import defaultdict
 
 import numpy as np
 from _harness import BACKENDS, publish
@@ -66,38 +67,30 @@ def versions() -> str:
 
 
 def summarize(rounds: list[dict], sizes: list[str]) -> list[dict]:
-    """Per size, the median over the rounds of each time and of each within-round ratio."""
+    """Per size, the median over the rounds of each time and of each within-round ratio, and
+    the range of each ratio (`NAME_range`)."""
     rows = []
     for size in sizes:
-        cells: dict[str, list[float]] = {}
+        cells = defaultdict(list)
         for measured in rounds:
-
-            def add(name, value, cells=cells):
-                cells.setdefault(name, []).append(value)
-
             tf_row = measured["tensorflow"][size]
             xla = tf_row["soft_ms"]["XLA"]
-            add("tf_sort_graph", tf_row["sort_ms"]["graph"])
-            add("tf_sort_xla", tf_row["sort_ms"]["XLA"])
-            add("tf_graph", tf_row["soft_ms"]["graph"])
-            add("tf_xla", xla)
-            add("graph_over_xla", tf_row["soft_ms"]["graph"] / xla)
+            cells["tf_sort_graph"].append(tf_row["sort_ms"]["graph"])
+            cells["tf_sort_xla"].append(tf_row["sort_ms"]["XLA"])
+            cells["tf_graph"].append(tf_row["soft_ms"]["graph"])
+            cells["tf_xla"].append(xla)
+            cells["graph_over_xla"].append(tf_row["soft_ms"]["graph"] / xla)
             for backend, mode in (("jax", "jit"), ("torch", "eager")):
                 if backend in measured:
                     row = measured[backend][size]
-                    add(f"{backend}_sort", next(iter(row["sort_ms"].values())))
-                    add(f"{backend}_soft", row["soft_ms"][mode])
-                    add(f"{backend}_over_xla", row["soft_ms"][mode] / xla)
+                    cells[f"{backend}_sort"].append(next(iter(row["sort_ms"].values())))
+                    cells[f"{backend}_soft"].append(row["soft_ms"][mode])
+                    cells[f"{backend}_over_xla"].append(row["soft_ms"][mode] / xla)
         row = {"size": size, "rounds": len(rounds)}
-        row.update({name: float(np.median(values)) for name, values in cells.items()})
-        row["graph_over_xla_range"] = (
-            float(np.min(cells["graph_over_xla"])),
-            float(np.max(cells["graph_over_xla"])),
-        )
-        for backend in ("jax", "torch"):
-            if f"{backend}_over_xla" in cells:
-                values = cells[f"{backend}_over_xla"]
-                row[f"{backend}_over_xla_range"] = (float(np.min(values)), float(np.max(values)))
+        for name, values in cells.items():
+            row[name] = float(np.median(values))
+            if name.endswith("_over_xla"):
+                row[f"{name}_range"] = (float(np.min(values)), float(np.max(values)))
         rows.append(row)
     return rows
 
